@@ -1,0 +1,197 @@
+"""Recipes: YAML files loaded into a strict typed schema, overridable with `key=value`.
+
+A typo must fail before any GPU work and name the key and the file, so every section forbids
+unknown keys, and overrides are applied to the raw mapping and validated again as a whole.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    """Where a run writes, and its seed."""
+
+    name: str
+    output_dir: str = Field(description="checkpoints, metrics, the resolved recipe and the export go here")
+    seed: int = 0
+
+
+class TargetConfig(_Section):
+    """The frozen target model."""
+
+    model: str = Field(description="a hub name, a local directory, or builtin:NAME for eagle_online/assets/NAME")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    aux_layer_ids: list[int] | None = Field(
+        default=None, description="residual streams entering these layers (HF hidden_states[i]); default [2, N//2, N-3]"
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+
+    @field_validator("aux_layer_ids")
+    @classmethod
+    def _three_distinct(cls, v):
+        if v is not None and (len(v) != 3 or len(set(v)) != 3 or min(v) < 0):
+            raise ValueError(f"aux_layer_ids must be 3 distinct non-negative layer ids, got {v}")
+        return v
+
+
+class DraftConfig(_Section):
+    """The draft head."""
+
+    architecture: Literal["LlamaForCausalLMEagle3"] = "LlamaForCausalLMEagle3"
+    draft_vocab_size: int = Field(32000, gt=0)
+    ttt_length: int = Field(7, ge=1, description="training-time-test unroll steps")
+    loss_decay: float = Field(0.8, gt=0, le=1, description="step k's loss is weighted decay**k")
+    init_lm_head_from_target: bool = True
+
+
+class DataSource(_Section):
+    """One source of conversations."""
+
+    path: str = Field(description="a local .json/.jsonl/.parquet file, a datasets hub name, or builtin:sharegpt")
+    split: str = "train"
+    max_rows: int | None = Field(default=None, gt=0)
+    skip_rows: int = Field(0, ge=0, description="rows to skip at the start (e.g. to hold some out)")
+
+
+class DataConfig(_Section):
+    """Conversations, their tokenisation and packing."""
+
+    sources: list[DataSource] = Field(min_length=1)
+    max_length: int = Field(2048, gt=1, description="longer conversations are truncated to this many tokens")
+    tokens_per_batch: int = Field(8192, gt=1, description="packed tokens per micro-step and rank")
+    shuffle: bool = True
+
+    @model_validator(mode="after")
+    def _batch_holds_a_conversation(self):
+        if self.tokens_per_batch < self.max_length:
+            raise ValueError(
+                f"tokens_per_batch ({self.tokens_per_batch}) must be >= max_length ({self.max_length})"
+            )
+        return self
+
+
+class TrainingConfig(_Section):
+    """Optimisation and the loop."""
+
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.015, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = Field(0.5, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(default=None, gt=0, description="optimizer steps; overrides epochs")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(500, gt=0, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, gt=0)
+    resume: bool = Field(True, description="continue from the newest checkpoint in output_dir if there is one")
+    export_at_end: bool = True
+    progress_bar: bool = True
+
+
+class Recipe(_Section):
+    """A whole training recipe."""
+
+    run: RunConfig
+    target: TargetConfig
+    draft: DraftConfig = DraftConfig()
+    data: DataConfig
+    training: TrainingConfig = TrainingConfig()
+
+    def to_yaml(self) -> str:
+        """The fully resolved recipe, every default written out."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def resolve_recipe_path(name_or_path: str | Path) -> Path:
+    """`NAME` finds recipes/NAME.yaml; anything that exists as a file is taken as it is."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
+    raise RecipeError(f"no recipe {str(name_or_path)!r}: not a file, and not one of {known}")
+
+
+def resolve_asset(name_or_path: str) -> str:
+    """`builtin:NAME` is eagle_online/assets/NAME; anything else is returned unchanged."""
+    if name_or_path.startswith("builtin:"):
+        path = ASSETS_DIR / name_or_path.removeprefix("builtin:")
+        if not path.exists():
+            known = sorted(q.name for q in ASSETS_DIR.iterdir() if not q.name.startswith("."))
+            raise RecipeError(f"no built-in asset {name_or_path!r} (built-in: {known})")
+        return str(path)
+    return name_or_path
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one `dotted.key=value` override to a raw recipe mapping (value parsed as YAML)."""
+    if "=" not in override:
+        raise RecipeError(f"override {override!r} is not of the form key=value")
+    key, value = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {key!r}: {'.'.join(parts[:i])} is not a section")
+        node = node.setdefault(part, {})
+    last = parts[-1]
+    parsed = yaml.safe_load(value) if value.strip() else None
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = parsed
+    elif isinstance(node, dict):
+        node[last] = parsed
+    else:
+        raise RecipeError(f"override {key!r}: {'.'.join(parts[:-1])} is not a section")
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for e in error.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key")
+        else:
+            lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a recipe by name or path, apply `key=value` overrides, and validate it strictly."""
+    path = resolve_recipe_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        apply_override(raw, override)
+    source = str(path) + (f" with overrides {list(overrides)}" if overrides else "")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_describe(e, source)) from None
