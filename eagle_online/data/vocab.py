@@ -1,0 +1,90 @@
+"""The draft vocabulary: the target tokens the draft predicts, chosen by how often they are trained.
+
+EAGLE-3 drafts predict over a smaller vocabulary than the target's. Draft token i stands for target
+token `i + d2t[i]` (the layout SGLang and vLLM read); `t2d[t]` says whether target token t is in it.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from eagle_online.data.chat import TokenizedConversation
+
+_CHUNK = 1 << 20  # tokens per bincount, to bound memory on large corpora
+
+
+def count_trained_tokens(examples: Iterable[TokenizedConversation], vocab_size: int) -> torch.Tensor:
+    """How often each target token occurs at a trained (loss_mask == 1) position: int64 [vocab_size]."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    pending: list[int] = []
+
+    def flush():
+        ids = torch.tensor(pending, dtype=torch.long)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise ValueError(f"token ids must lie in [0, {vocab_size}); got {int(ids.min())}..{int(ids.max())}")
+        counts.add_(torch.bincount(ids, minlength=vocab_size))
+        pending.clear()
+
+    for example in examples:
+        pending.extend(t for t, m in zip(example.input_ids, example.loss_mask) if m)
+        if len(pending) >= _CHUNK:
+            flush()
+    flush()
+    return counts
+
+
+def build_draft_vocab(counts: torch.Tensor, draft_vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `draft_vocab_size` most frequent tokens (ties to the lower id), sorted by id; when fewer
+    tokens occur, the lowest unused ids fill the rest.
+
+    Returns d2t int64 [draft_vocab_size] with `d2t[i] = target_id(i) - i`, and t2d bool [vocab_size],
+    true at the chosen ids.
+    """
+    vocab_size = counts.numel()
+    if counts.dim() != 1:
+        raise ValueError(f"counts must be 1-D, got shape {tuple(counts.shape)}")
+    if not 0 < draft_vocab_size <= vocab_size:
+        raise ValueError(f"draft_vocab_size ({draft_vocab_size}) must be in [1, vocab_size = {vocab_size}]")
+    # A stable descending sort keeps equal counts in id order: ties go to the lower id, and the
+    # never-seen tokens (count 0) come last, lowest id first, which is the padding we want.
+    order = torch.sort(counts.to(torch.long), descending=True, stable=True).indices
+    chosen = order[:draft_vocab_size].sort().values
+    d2t = chosen - torch.arange(draft_vocab_size, dtype=torch.long)
+    t2d = torch.zeros(vocab_size, dtype=torch.bool)
+    t2d[chosen] = True
+    return d2t, t2d
+
+
+def save_draft_vocab(path, d2t: torch.Tensor, t2d: torch.Tensor, counts: torch.Tensor) -> None:
+    """Write d2t, t2d and the counts they came from to one file (.pt, else safetensors), atomically."""
+    path = Path(path)
+    tensors = {"d2t": d2t.contiguous(), "t2d": t2d.contiguous(), "counts": counts.contiguous()}
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".pt", ".pth"):
+        torch.save(tensors, tmp)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_draft_vocab(path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read (d2t, t2d) written by `save_draft_vocab`, checking they describe the same vocabulary."""
+    path = Path(path)
+    if path.suffix in (".pt", ".pth"):
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+    d2t, t2d = tensors["d2t"].long(), tensors["t2d"].bool()
+    ids = d2t + torch.arange(d2t.numel())
+    in_range = d2t.numel() == 0 or (int(ids.min()) >= 0 and int(ids.max()) < t2d.numel())
+    if not in_range or int(t2d.sum()) != d2t.numel() or not bool(t2d[ids].all()):
+        raise ValueError(f"{path}: d2t and t2d describe different vocabularies")
+    return d2t, t2d

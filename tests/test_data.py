@@ -1,0 +1,337 @@
+"""Data: sources, chat-template loss masks (golden spans per template), packing, draft vocabulary."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from eagle_online.data import (
+    DataError,
+    PreparedData,
+    TokenizedConversation,
+    build_draft_vocab,
+    count_trained_tokens,
+    iter_conversations,
+    load_draft_vocab,
+    pack_conversations,
+    prepare_data,
+    save_draft_vocab,
+    tokenize_conversation,
+)
+from eagle_online.recipe import DataConfig, DataSource
+from eagle_online.tiny_target import build_tokenizer
+
+CONVERSATIONS = [
+    [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris is the capital of France."},
+        {"role": "user", "content": "And of Italy?"},
+        {"role": "assistant", "content": "Rome.\nIt has been since 1871."},
+    ],
+    [
+        {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "Now count to three, please."},
+        {"role": "assistant", "content": "One, two, three!"},
+    ],
+    [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "Thank you very much"},
+        {"role": "assistant", "content": "Merci beaucoup, café crème."},
+    ],
+]
+
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+# A Llama-3-style layout: different headers, the content trimmed, no newline after the end-of-turn.
+LLAMA3_TEMPLATE = (
+    "<|begin_of_text|>"
+    "{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+# A ChatML layout that, like Qwen3's, opens the *last* reply with an empty think block.
+THINK_SPECIAL = ["<|im_start|>", "<|im_end|>"]
+THINK_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _tokenizer(template: str | None = None, special: list[str] | None = None):
+    tok = build_tokenizer(CONVERSATIONS, vocab_size=300)
+    if template is not None:
+        tok.add_special_tokens({"additional_special_tokens": special})
+        tok.chat_template = template
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    return _tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama3_tok():
+    return _tokenizer(LLAMA3_TEMPLATE, LLAMA3_SPECIAL)
+
+
+@pytest.fixture(scope="module")
+def think_tok():
+    return _tokenizer(THINK_TEMPLATE, THINK_SPECIAL)
+
+
+def trained_spans(tok, example: TokenizedConversation) -> list[str]:
+    """The trained tokens, decoded run by run."""
+    runs, run = [], []
+    for token, m in zip(example.input_ids, example.loss_mask):
+        if m:
+            run.append(token)
+        elif run:
+            runs.append(run)
+            run = []
+    if run:
+        runs.append(run)
+    return [tok.decode(r) for r in runs]
+
+
+@pytest.mark.parametrize("conv", CONVERSATIONS, ids=["system_two_turns", "short_reply", "unicode"])
+def test_loss_mask_tiny_template(tiny_tok, conv):
+    example = tokenize_conversation(tiny_tok, conv, max_length=4096)
+    assert example.input_ids == tiny_tok.apply_chat_template(conv, tokenize=True, return_dict=False)
+    expected = [m["content"] + "<|end|>" for m in conv if m["role"] == "assistant"]
+    assert trained_spans(tiny_tok, example) == expected
+    # The bos, and the newline after each end-of-turn, are scaffolding.
+    assert example.loss_mask[0] == 0 and example.loss_mask[-1] == 0
+
+
+@pytest.mark.parametrize("conv", CONVERSATIONS, ids=["system_two_turns", "short_reply", "unicode"])
+def test_loss_mask_llama3_template(llama3_tok, conv):
+    padded = [{**m, "content": f"  {m['content']} \n"} for m in conv]  # the template trims
+    example = tokenize_conversation(llama3_tok, padded, max_length=4096)
+    assert example.input_ids == llama3_tok.apply_chat_template(padded, tokenize=True, return_dict=False)
+    expected = [m["content"] + "<|eot_id|>" for m in conv if m["role"] == "assistant"]
+    assert trained_spans(llama3_tok, example) == expected
+    assert example.input_ids[-1] == llama3_tok.convert_tokens_to_ids("<|eot_id|>") and example.loss_mask[-1] == 1
+
+
+def test_loss_mask_template_text_before_reply(think_tok):
+    # "in" also occurs in the template's own "<think>": the short reply must not be found there.
+    conv = [
+        {"role": "user", "content": "Where?"},
+        {"role": "assistant", "content": "out"},
+        {"role": "user", "content": "And now?"},
+        {"role": "assistant", "content": "in"},
+    ]
+    example = tokenize_conversation(think_tok, conv, max_length=4096)
+    # The think block is what the target generates after its generation prompt, so it is trained.
+    assert trained_spans(think_tok, example) == ["out<|im_end|>", "<think>\n\n</think>\n\nin<|im_end|>"]
+
+
+def test_truncation_keeps_mask_aligned(tiny_tok):
+    conv = CONVERSATIONS[0]
+    full = tokenize_conversation(tiny_tok, conv, max_length=4096)
+    second_reply_start = max(i for i, m in enumerate(full.loss_mask) if m and not full.loss_mask[i - 1])
+    cut = second_reply_start + 3
+    short = tokenize_conversation(tiny_tok, conv, max_length=cut)
+    assert len(short.input_ids) == len(short.loss_mask) == cut
+    assert short.input_ids == full.input_ids[:cut] and short.loss_mask == full.loss_mask[:cut]
+    spans = trained_spans(tiny_tok, short)
+    assert spans[0] == conv[2]["content"] + "<|end|>"
+    assert conv[4]["content"].startswith(spans[1]) and len(spans[1]) > 0
+
+
+def _sharegpt(conv):
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    return {"id": "x", "conversations": [{"from": names[m["role"]], "value": m["content"]} for m in conv]}
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_sharegpt_and_messages_formats_agree(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sharegpt = [_sharegpt(c) for c in CONVERSATIONS]
+    messages = [{"messages": c} for c in CONVERSATIONS]
+    files = [
+        _write_jsonl(tmp_path / "sharegpt.jsonl", sharegpt),
+        _write_jsonl(tmp_path / "messages.jsonl", messages),
+        _write_jsonl(tmp_path / "lines.json", messages),  # JSON Lines under a .json name, as `datasets` writes
+    ]
+    (tmp_path / "sharegpt.json").write_text(json.dumps(sharegpt, indent=1))
+    files.append(tmp_path / "sharegpt.json")
+    pq.write_table(pa.Table.from_pylist(messages), tmp_path / "messages.parquet")
+    files.append(tmp_path / "messages.parquet")
+    for f in files:
+        assert list(iter_conversations(DataSource(path=str(f)))) == CONVERSATIONS, f.name
+
+
+def test_skip_and_max_rows(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    got = list(iter_conversations(DataSource(path=str(path), skip_rows=1, max_rows=1)))
+    assert got == CONVERSATIONS[1:2]
+    assert list(iter_conversations(DataSource(path=str(path), skip_rows=2))) == CONVERSATIONS[2:]
+
+
+def test_broken_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps({"messages": CONVERSATIONS[0]}) + "\n\n" + '{"messages": [\n')
+    with pytest.raises(DataError, match=rf"{path}:3: not valid JSON"):
+        list(iter_conversations(DataSource(path=str(path))))
+
+
+def test_bad_json_names_file_and_record(tmp_path):
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([{"messages": CONVERSATIONS[0]}, {"prompt": "no conversation"}]))
+    with pytest.raises(DataError, match=rf"{path} record 1: not a conversation"):
+        list(iter_conversations(DataSource(path=str(path))))
+    path.write_text('[{"messages": []}, {')
+    with pytest.raises(DataError, match=str(path)):
+        list(iter_conversations(DataSource(path=str(path))))
+    with pytest.raises(DataError, match="no built-in data source"):
+        list(iter_conversations(DataSource(path="builtin:nonesuch")))
+    with pytest.raises(DataError, match="no such file"):
+        list(iter_conversations(DataSource(path=str(tmp_path / "missing.jsonl"))))
+
+
+def test_malformed_rows_are_skipped_and_counted(tmp_path, tiny_tok):
+    good = {"messages": CONVERSATIONS[1]}
+    records = [
+        good,
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "narrator", "value": "x"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]},
+        # A leading reply (ShareGPT splits long chats) and a trailing prompt are dropped, the rest used.
+        {"messages": [{"role": "assistant", "content": "orphan"}, *CONVERSATIONS[2], {"role": "user", "content": "?"}]},
+        {"messages": [{"role": "user", "content": "a " * 200}, {"role": "assistant", "content": "ok"}]},
+    ]
+    path = _write_jsonl(tmp_path / "mixed.jsonl", records)
+    # Cut the third conversation inside its reply.
+    full = [tokenize_conversation(tiny_tok, c, 4096) for c in CONVERSATIONS]
+    max_length = full[2].loss_mask.index(1) + 2
+    cfg = DataConfig(sources=[DataSource(path=str(path))], max_length=max_length, tokens_per_batch=4096)
+    prepared = prepare_data(cfg, tiny_tok)
+    assert isinstance(prepared, PreparedData)
+    stats = prepared.stats["sources"][str(path)]
+    assert stats["skipped"] == {"empty_turn": 2, "no_assistant_turn": 1, "no_trained_tokens": 1, "unknown_role": 1}
+    assert stats["rows_read"] == 7 and stats["rows_used"] == 2 == len(prepared.examples)
+    assert [e.input_ids for e in prepared.examples] == [full[1].input_ids[:max_length], full[2].input_ids[:max_length]]
+    assert [e.loss_mask for e in prepared.examples] == [full[1].loss_mask[:max_length], full[2].loss_mask[:max_length]]
+    assert stats["truncated"] == 1 + (len(full[1].input_ids) > max_length)
+    assert stats["tokens"] == sum(len(e.input_ids) for e in prepared.examples)
+    assert stats["trained_tokens"] == sum(sum(e.loss_mask) for e in prepared.examples)
+    assert 0 < stats["trained_fraction"] < 1
+    assert prepared.stats["total"]["rows_used"] == 2 and prepared.stats["total"]["rows_read"] == 7
+
+
+def test_no_usable_conversation_is_an_error(tmp_path, tiny_tok):
+    path = _write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataError, match="no usable conversation"):
+        prepare_data(DataConfig(sources=[DataSource(path=str(path))], max_length=40, tokens_per_batch=64), tiny_tok)
+
+
+def test_builtin_sharegpt():
+    convs = list(iter_conversations(DataSource(path="builtin:sharegpt", max_rows=5)))
+    assert len(convs) == 5
+    for conv in convs:
+        assert conv[-1]["role"] == "assistant" and all(m["content"].strip() for m in conv)
+        assert {m["role"] for m in conv} <= {"system", "user", "assistant"}
+
+
+def _examples(lengths):
+    out = []
+    for k, n in enumerate(lengths):
+        ids = [100 * k + j for j in range(n)]
+        out.append(TokenizedConversation(ids, [(j + k) % 2 for j in range(n)]))
+    return out
+
+
+def test_packing_invariants():
+    budget = 16
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, budget + 1, (40,), generator=gen).tolist()
+    examples = _examples(lengths)
+    batches = pack_conversations(examples, budget)
+    again = pack_conversations(examples, budget)
+    assert [b.input_ids.tolist() for b in again] == [b.input_ids.tolist() for b in batches]
+    ids, mask, k = [], [], 0
+    for b in batches:
+        assert b.input_ids.shape == b.position_ids.shape == b.loss_mask.shape == (1, b.num_tokens)
+        assert b.input_ids.dtype == b.position_ids.dtype == b.loss_mask.dtype == torch.int64
+        assert b.num_tokens <= budget
+        pos = b.position_ids[0].tolist()
+        starts = [i for i, p in enumerate(pos) if p == 0]
+        assert starts[0] == 0 and len(starts) == b.num_conversations
+        for s, e in zip(starts, starts[1:] + [len(pos)]):
+            assert pos[s:e] == list(range(e - s)) and e - s == lengths[k]
+            k += 1
+        ids += b.input_ids[0].tolist()
+        mask += b.loss_mask[0].tolist()
+    assert k == len(examples)
+    assert ids == [t for e in examples for t in e.input_ids] and mask == [m for e in examples for m in e.loss_mask]
+    # Greedy: a new row starts only when the next conversation does not fit.
+    firsts = [sum(b.num_conversations for b in batches[:i]) for i in range(1, len(batches))]
+    for prev, first in zip(batches, firsts):
+        assert prev.num_tokens + lengths[first] > budget
+    with pytest.raises(ValueError, match="tokens"):
+        pack_conversations(_examples([3, budget + 1]), budget)
+
+
+def test_count_trained_tokens():
+    examples = [TokenizedConversation([1, 2, 2, 3], [0, 1, 1, 1]), TokenizedConversation([3, 4], [1, 0])]
+    assert count_trained_tokens(examples, 6).tolist() == [0, 0, 2, 2, 0, 0]
+    with pytest.raises(ValueError):
+        count_trained_tokens([TokenizedConversation([9], [1])], 6)
+
+
+def _check_vocab(d2t, t2d, size):
+    ids = d2t + torch.arange(size)
+    assert d2t.dtype == torch.int64 and d2t.shape == (size,) and t2d.dtype == torch.bool
+    assert int(t2d.sum()) == size
+    assert bool((ids[1:] > ids[:-1]).all())
+    assert bool(t2d[ids].all())
+    return ids
+
+
+def test_draft_vocab_invariants(tmp_path):
+    vocab = 50
+    counts = torch.zeros(vocab, dtype=torch.long)
+    counts[[40, 7, 33, 12, 5]] = torch.tensor([100, 90, 90, 3, 1])
+    counts[[20, 21]] = 3  # ties with id 12: the lower ids win
+    d2t, t2d = build_draft_vocab(counts, 5)
+    assert _check_vocab(d2t, t2d, 5).tolist() == [7, 12, 20, 33, 40]
+    # Fewer tokens occur than the draft holds: every seen token, then the lowest unseen ids.
+    d2t, t2d = build_draft_vocab(counts, 10)
+    assert _check_vocab(d2t, t2d, 10).tolist() == [0, 1, 2, 5, 7, 12, 20, 21, 33, 40]
+    d2t, t2d = build_draft_vocab(counts, vocab)
+    assert _check_vocab(d2t, t2d, vocab).tolist() == list(range(vocab)) and not d2t.any()
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        build_draft_vocab(counts, vocab + 1)
+    for name in ("vocab.safetensors", "vocab.pt"):
+        save_draft_vocab(tmp_path / name, d2t, t2d, counts)
+        d2t2, t2d2 = load_draft_vocab(tmp_path / name)
+        assert torch.equal(d2t2, d2t) and torch.equal(t2d2, t2d)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vocab.pt", "vocab.safetensors"]
+
+
+def test_draft_vocab_from_real_masks(tiny_tok):
+    examples = [tokenize_conversation(tiny_tok, c, 4096) for c in CONVERSATIONS]
+    counts = count_trained_tokens(examples, len(tiny_tok))
+    assert int(counts.sum()) == sum(sum(e.loss_mask) for e in examples)
+    d2t, t2d = build_draft_vocab(counts, 32)
+    _check_vocab(d2t, t2d, 32)
+    top = Counter(t for e in examples for t, m in zip(e.input_ids, e.loss_mask) if m).most_common(5)
+    assert all(t2d[t] for t, _ in top)
+    assert t2d[tiny_tok.convert_tokens_to_ids("<|end|>")]  # the end-of-turn token is trained, so drafted
