@@ -1,0 +1,263 @@
+"""The EAGLE-3 draft head and its training-time-test (TTT) unroll (DESIGN §2).
+
+Tensor names follow the layout SGLang and vLLM load (`fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`,
+`t2d`), so export is a filter over `state_dict()`, not a rename table.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+
+from eagle_online.losses import StepMetrics, accuracy, soft_cross_entropy
+
+ARCHITECTURE = "LlamaForCausalLMEagle3"
+
+
+def eagle3_config(target_config, draft_vocab_size: int) -> LlamaConfig:
+    """The draft's LlamaConfig, derived from the target's: one layer with the target's attention
+    shape, RoPE and MLP width, predicting over the draft vocabulary."""
+    text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    return LlamaConfig(
+        architectures=[ARCHITECTURE],
+        hidden_size=hidden,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or hidden // heads,
+        hidden_act=getattr(text, "hidden_act", "silu"),
+        rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+        max_position_embeddings=text.max_position_embeddings,
+        rope_parameters=dict(text.rope_parameters) if getattr(text, "rope_parameters", None) else None,
+        vocab_size=text.vocab_size,
+        draft_vocab_size=draft_vocab_size,
+        target_hidden_size=hidden,
+        tie_word_embeddings=False,
+        norm_before_residual=False,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=getattr(text, "bos_token_id", None),
+        eos_token_id=getattr(text, "eos_token_id", None),
+        use_cache=True,
+    )
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] index of the conversation each packed token belongs to (positions restart at 0)."""
+    return torch.cumsum((position_ids == 0).long(), dim=-1)
+
+
+def shift_left(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
+    """x[:, t + n] at position t along dim 1, `fill` past the end."""
+    if n == 0:
+        return x
+    pad = torch.full_like(x[:, :n], fill)
+    return torch.cat([x[:, n:], pad], dim=1)
+
+
+@dataclass
+class DocumentLayout:
+    """Packed tokens regrouped one conversation per row, so attention costs Σ len² instead of T².
+
+    `gather` [D, L] indexes the flat B·T tokens (padding points at token 0 and is masked by
+    `valid`); `scatter` [B·T] indexes the flat D·L padded grid back to token order.
+    """
+
+    gather: torch.Tensor
+    valid: torch.Tensor
+    scatter: torch.Tensor
+
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor) -> DocumentLayout:
+        flat = position_ids.reshape(-1)
+        starts = flat == 0
+        starts[:: position_ids.shape[1]] = True  # a row always starts a conversation
+        doc = torch.cumsum(starts.long(), 0) - 1
+        start_of = torch.nonzero(starts).squeeze(1)
+        offset = torch.arange(flat.numel(), device=flat.device) - start_of[doc]
+        lengths = torch.bincount(doc)
+        n_docs, longest = len(lengths), int(lengths.max())
+        gather = torch.zeros(n_docs, longest, dtype=torch.long, device=flat.device)
+        gather[doc, offset] = torch.arange(flat.numel(), device=flat.device)
+        valid = torch.arange(longest, device=flat.device)[None, :] < lengths[:, None]
+        return cls(gather=gather, valid=valid, scatter=doc * longest + offset)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[B·T, ...] in token order → [D, L, ...] one conversation per row."""
+        return x[self.gather]
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[D, L, ...] → [B·T, ...] in token order."""
+        return x.reshape(-1, *x.shape[2:])[self.scatter]
+
+
+class TTTAttention(nn.Module):
+    """Attention over 2H-wide inputs with the TTT pattern: causal (within a conversation) over the
+    step-0 keys, plus the keys each later step wrote at the query's own position."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        h = config.hidden_size
+        self.q_proj = nn.Linear(2 * h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(2 * h, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(2 * h, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+
+    def forward(self, x, cos, sin, cache: list[tuple[torch.Tensor, torch.Tensor]], layout: DocumentLayout):
+        """x [B, T, 2H]. `cache` holds earlier steps' keys and values: step 0's padded per
+        conversation [D, heads, L, d], later steps' flat [B·T, heads, d]; this step's are appended."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        groups = self.num_heads // self.num_kv_heads
+        # Token-major flat views [B·T, heads, d], keys and values expanded to all query heads.
+        q = q.transpose(1, 2).reshape(b * t, self.num_heads, self.head_dim)
+        k = k.transpose(1, 2).reshape(b * t, self.num_kv_heads, self.head_dim).repeat_interleave(groups, dim=1)
+        v = v.transpose(1, 2).reshape(b * t, self.num_kv_heads, self.head_dim).repeat_interleave(groups, dim=1)
+        if not cache:
+            cache.append((layout.pad(k).transpose(1, 2), layout.pad(v).transpose(1, 2)))
+        else:
+            cache.append((k, v))
+        scale = 1.0 / math.sqrt(self.head_dim)
+        qp = layout.pad(q).transpose(1, 2)  # [D, heads, L, d]
+        k0, v0 = cache[0]
+        # Against step 0's keys: causal inside each conversation. Against steps 1..k: one key per
+        # query (the diagonal), so a dot product per position.
+        scores0 = (qp @ k0.transpose(-1, -2)) * scale
+        length = qp.shape[2]
+        allowed = torch.ones(length, length, dtype=torch.bool, device=x.device).tril() & layout.valid[:, None, None, :]
+        scores0 = scores0.masked_fill(~allowed, torch.finfo(scores0.dtype).min)
+        diag = [layout.pad((q * kk).sum(-1) * scale).transpose(1, 2)[..., None] for kk, _ in cache[1:]]
+        scores = torch.cat([scores0, *diag], dim=-1)
+        probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
+        out = probs[..., :length] @ v0
+        for j, (_, vv) in enumerate(cache[1:]):
+            out = out + probs[..., length + j : length + j + 1] * layout.pad(vv).transpose(1, 2)
+        out = layout.unpad(out.transpose(1, 2))  # [B·T, heads, d]
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class Eagle3DecoderLayer(nn.Module):
+    """One decoder layer whose attention reads cat(input_layernorm(embedding), hidden_norm(feature))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.input_layernorm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
+        self.hidden_norm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
+        self.self_attn = TTTAttention(config)
+        self.post_attention_layernorm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, embeds, hidden, cos, sin, cache, layout):
+        residual = hidden  # norm_before_residual = False: the residual is the feature before hidden_norm
+        x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
+        hidden = residual + self.self_attn(x, cos, sin, cache, layout)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+@dataclass
+class Eagle3Output:
+    """The TTT unroll's result: the weighted loss to backpropagate and per-step metrics."""
+
+    loss: torch.Tensor
+    metrics: StepMetrics
+
+
+class Eagle3Head(nn.Module):
+    """EAGLE-3 draft head: fc fusion of low‖mid‖high target features, one decoder layer, a draft lm_head."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        target_h = getattr(config, "target_hidden_size", None) or h
+        self.embed_tokens = nn.Embedding(config.vocab_size, h)
+        self.embed_tokens.weight.requires_grad_(False)  # a frozen copy of the target's
+        self.fc = nn.Linear(3 * target_h, h, bias=False)
+        self.midlayer = Eagle3DecoderLayer(config)
+        self.norm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(h, config.draft_vocab_size, bias=False)
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+        self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
+
+    @torch.no_grad()
+    def init_from_target(self, embed_weight: torch.Tensor, lm_head_draft: torch.Tensor | None,
+                         d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+        """Copy the target's embedding (and, optionally, its draft-vocab lm_head rows) and the vocab maps."""
+        self.embed_tokens.weight.copy_(embed_weight)
+        if lm_head_draft is not None:
+            self.lm_head.weight.copy_(lm_head_draft)
+        self.d2t.copy_(d2t)
+        self.t2d.copy_(t2d)
+
+    def step(self, hidden, token_ids, position_ids, cache, layout: DocumentLayout) -> torch.Tensor:
+        """One draft step's pre-norm output. `hidden` is fc(aux) at step 0 and the previous step's
+        pre-norm output after; `token_ids` are the tokens whose embeddings go beside it."""
+        cos, sin = self.rotary_emb(hidden, position_ids)
+        embeds = self.embed_tokens(token_ids).to(hidden.dtype)
+        return self.midlayer(embeds, hidden, cos, sin, cache, layout)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits of pre-norm outputs."""
+        return self.lm_head(self.norm(hidden))
+
+    def forward(self, aux_hidden, input_ids, position_ids, loss_mask, teacher_logits, teacher_in_draft,
+                ttt_length: int, loss_decay: float = 0.8) -> Eagle3Output:
+        """The TTT unroll over packed rows.
+
+        Position t pairs the target feature g_t with embed(x_{t+1}) and learns the target's
+        distribution at t+1 (the token x_{t+2}). Step k feeds the draft its own step k-1 output
+        instead of g and shifts tokens and targets k places further: at step k, position t reads
+        x_{t+1+k} at RoPE position pos_t + k and predicts x_{t+2+k} against the teacher at t+1+k.
+        A prediction counts when x_{t+2+k} is trained (loss_mask), lies in t's conversation, and
+        the teacher's full-vocabulary argmax is a draft token; logits are computed for those
+        positions only.
+        loss = Σ_k decay^k · softCE_k.
+        """
+        b, t = input_ids.shape
+        docs = document_ids(position_ids)
+        layout = DocumentLayout.from_position_ids(position_ids)
+        teacher_probs = teacher_logits.reshape(b * t, -1).float().softmax(-1)
+        hidden = self.fc(aux_hidden.to(self.fc.weight.dtype))
+        cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        losses, accs, counts = [], [], []
+        for k in range(ttt_length):
+            hidden = self.step(hidden, shift_left(input_ids, 1 + k), position_ids + k, cache, layout)
+            valid = (
+                shift_left(loss_mask, 2 + k).bool()
+                & (shift_left(docs, 2 + k, fill=-1) == docs)
+                & shift_left(teacher_in_draft, 1 + k, fill=False)
+            )
+            rows = valid.reshape(-1).nonzero().squeeze(1)  # t+2+k stays in the row, so rows+1+k does too
+            logits = self.logits(hidden.reshape(b * t, -1)[rows])
+            targets = teacher_probs[rows + 1 + k]
+            step_loss = soft_cross_entropy(logits, targets)
+            loss = loss + (loss_decay**k) * step_loss
+            losses.append(step_loss.detach())
+            accs.append(accuracy(logits.detach(), targets))
+            counts.append(len(rows))
+        return Eagle3Output(loss=loss, metrics=StepMetrics(losses, accs, counts))
+
+    def trainable_parameters(self):
+        """Everything but the frozen embedding."""
+        return [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,141 @@
+"""The frozen target: loading, capturing the aux features, and the teacher distribution.
+
+Only what the head needs is kept: the residual streams entering three decoder layers (captured by
+forward pre-hooks, never `output_hidden_states=True`, which keeps all N+1 tensors and whose last
+entry is post-norm) and the final post-norm hidden state, from which the teacher distribution is
+computed over the draft vocabulary rows of lm_head only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from eagle_online.recipe import TargetConfig, resolve_asset
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_aux_layer_ids(num_layers: int) -> list[int]:
+    """EAGLE-3's default feature layers [2, N//2, N-3] (both engines' defaults, DESIGN §5)."""
+    return [2, num_layers // 2, num_layers - 3]
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on an accelerator and fp32 on CPU."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return _DTYPES[name]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of an HF causal LM (Llama, Qwen, Mistral, Gemma... all expose model.layers)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"cannot find the decoder layers of {type(model).__name__} (expected .model.layers)")
+    return layers
+
+
+@dataclass
+class TargetOutput:
+    """What one frozen target forward gives the head."""
+
+    aux_hidden: torch.Tensor  # [B, T, 3·H_target] low‖mid‖high, the target's dtype
+    last_hidden: torch.Tensor  # [B, T, H_target] final post-norm hidden state
+    teacher_logits: torch.Tensor  # [B, T, draft_vocab] fp32, target logits restricted to the draft vocab
+    teacher_in_draft: torch.Tensor  # [B, T] bool: the full-vocabulary argmax lies in the draft vocab
+
+
+class FrozenTarget(nn.Module):
+    """A frozen HF causal LM that returns aux features and the teacher distribution over the draft vocab."""
+
+    def __init__(self, model: nn.Module, aux_layer_ids: list[int] | None, draft_ids: torch.Tensor):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        layers = decoder_layers(model)
+        n = len(layers)
+        self.aux_layer_ids = list(aux_layer_ids) if aux_layer_ids is not None else default_aux_layer_ids(n)
+        if len(set(self.aux_layer_ids)) != 3 or max(self.aux_layer_ids) >= n:
+            raise ValueError(
+                f"aux layer ids {self.aux_layer_ids} must be 3 distinct ids below the target's {n} layers"
+                + (" (the defaults repeat for targets with fewer than 7 layers)" if aux_layer_ids is None else "")
+            )
+        self._captured: dict[int, torch.Tensor] = {}
+        for i in self.aux_layer_ids:
+            layers[i].register_forward_pre_hook(self._capture_hook(i), with_kwargs=True)
+        # The draft-vocab rows of lm_head are taken once: the teacher never needs the rest except for
+        # the argmax test, which streams over vocabulary chunks.
+        self.register_buffer("draft_ids", draft_ids.clone(), persistent=False)
+        self.register_buffer("lm_head_draft", self.lm_head_weight[draft_ids].detach().clone(), persistent=False)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight
+
+    @property
+    def embed_weight(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight
+
+    def _capture_hook(self, layer_id: int):
+        def hook(module, args, kwargs):
+            self._captured[layer_id] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, vocab_chunk: int = 16384) -> TargetOutput:
+        """Run the target once over a packed row (position_ids restart per conversation)."""
+        self._captured.clear()
+        base = self.model.get_decoder()
+        last = base(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        aux = torch.cat([self._captured.pop(i) for i in self.aux_layer_ids], dim=-1)
+        teacher_logits = (last @ self.lm_head_draft.T).float()
+        return TargetOutput(
+            aux_hidden=aux,
+            last_hidden=last,
+            teacher_logits=teacher_logits,
+            teacher_in_draft=self._argmax_in_draft(last, teacher_logits, vocab_chunk),
+        )
+
+    def _argmax_in_draft(self, last: torch.Tensor, teacher_logits: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Whether the full-vocabulary argmax is a draft token, streaming lm_head in chunks so that
+        [tokens × vocab] logits never exist at once."""
+        weight = self.lm_head_weight
+        best = torch.full(last.shape[:-1], float("-inf"), device=last.device)
+        best_id = torch.zeros(last.shape[:-1], dtype=torch.long, device=last.device)
+        for start in range(0, weight.shape[0], chunk):
+            logits = (last @ weight[start : start + chunk].T).float()
+            value, idx = logits.max(dim=-1)
+            better = value > best  # strict: the lowest id wins ties, as torch.argmax does
+            best = torch.where(better, value, best)
+            best_id = torch.where(better, idx + start, best_id)
+        t2d = torch.zeros(weight.shape[0], dtype=torch.bool, device=last.device)
+        t2d[self.draft_ids] = True
+        return t2d[best_id]
+
+
+def load_target_model(cfg: TargetConfig, device: torch.device) -> nn.Module:
+    """Load the target's HF model, frozen, with the KV cache off (packing is ignored with it on, DESIGN §9)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_asset(cfg.model),
+        dtype=resolve_dtype(cfg.dtype, device),
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+        use_cache=False,
+    )
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_tokenizer(cfg: TargetConfig):
+    """The target's own tokenizer (its chat template defines the loss mask)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_asset(cfg.model), trust_remote_code=cfg.trust_remote_code)

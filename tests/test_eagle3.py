@@ -1,0 +1,198 @@
+"""The EAGLE-3 head, its TTT unroll, the loss and the frozen target's capture, against references
+written independently here."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from eagle_online.heads import head_class
+from eagle_online.heads.eagle3 import DocumentLayout, Eagle3Head, TTTAttention, document_ids, eagle3_config
+from eagle_online.losses import accuracy, expected_acceptance_length, soft_cross_entropy
+from eagle_online.target import FrozenTarget, default_aux_layer_ids
+from tests.conftest import tiny_llama_config
+
+
+def _packed_positions(lengths):
+    return torch.cat([torch.arange(n) for n in lengths])[None]
+
+
+def test_ttt_attention_matches_dense_reference():
+    """Step k's query i sees step-0 keys j <= i of its own conversation and the keys of steps 1..k at
+    position i only. The reference flattens all steps into one sequence with that mask."""
+    torch.manual_seed(0)
+    cfg = eagle3_config(tiny_llama_config(), 40)
+    attn = TTTAttention(cfg).double()
+    head = Eagle3Head(cfg).double()
+    steps, lengths = 4, [5, 3, 6]
+    pos = _packed_positions(lengths)
+    t = pos.shape[1]
+    docs = document_ids(pos)
+    layout = DocumentLayout.from_position_ids(pos)
+    xs = [torch.randn(1, t, 2 * cfg.hidden_size, dtype=torch.double) for _ in range(steps)]
+    cache, outs = [], []
+    for k, x in enumerate(xs):
+        cos, sin = head.rotary_emb(x, pos + k)
+        outs.append(attn(x, cos, sin, cache, layout))
+
+    # Dense reference over the flattened (step, position) sequence.
+    h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    qs, ks, vs = [], [], []
+    for k, x in enumerate(xs):
+        cos, sin = head.rotary_emb(x, pos + k)
+        q = attn.q_proj(x).view(1, t, h, d).transpose(1, 2)
+        kk = attn.k_proj(x).view(1, t, kvh, d).transpose(1, 2)
+        q, kk = apply_rotary_pos_emb(q, kk, cos, sin)
+        qs.append(q)
+        ks.append(kk.repeat_interleave(h // kvh, dim=1))
+        vs.append(attn.v_proj(x).view(1, t, kvh, d).transpose(1, 2).repeat_interleave(h // kvh, dim=1))
+    q, k_all, v_all = torch.cat(qs, 2), torch.cat(ks, 2), torch.cat(vs, 2)
+    n = steps * t
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    for s in range(steps):
+        for i in range(t):
+            for s2 in range(steps):
+                for j in range(t):
+                    if s2 == 0:
+                        ok = j <= i and docs[0, i] == docs[0, j]
+                    else:
+                        ok = 1 <= s2 <= s and j == i
+                    allowed[s * t + i, s2 * t + j] = ok
+    ref = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=allowed)
+    ref = attn.o_proj(ref.transpose(1, 2).reshape(1, n, h * d))
+    for s in range(steps):
+        torch.testing.assert_close(outs[s], ref[:, s * t : (s + 1) * t], rtol=1e-9, atol=1e-9)
+
+
+def test_soft_cross_entropy_by_hand():
+    student = torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 3.0]])
+    teacher = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.1, 0.7]])
+    expected = 0.0
+    for row in range(2):
+        zs = [math.exp(v) for v in student[row].tolist()]
+        for v in range(3):
+            expected += -teacher[row, v].item() * math.log(zs[v] / sum(zs))
+    expected /= 2
+    assert soft_cross_entropy(student, teacher).item() == pytest.approx(expected, rel=1e-6)
+    # The gradient is softmax(student) - teacher, per row, over the number of rows.
+    z = student.clone().requires_grad_(True)
+    soft_cross_entropy(z, teacher).backward()
+    torch.testing.assert_close(z.grad, (torch.softmax(student, -1) - teacher) / 2)
+    assert accuracy(student, teacher).item() == pytest.approx(0.5)  # argmax 1 vs 0 (tie: first), 2 vs 2
+    assert soft_cross_entropy(student[:0], teacher[:0]).item() == 0.0
+
+
+def test_tau_hat():
+    assert expected_acceptance_length([]) == 1.0
+    assert expected_acceptance_length([0.5, 0.5]) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_acceptance_length([1.0, 0.0, 1.0]) == pytest.approx(2.0)
+
+
+def _head_and_batch(lengths=(9, 7)):
+    torch.manual_seed(0)
+    cfg = eagle3_config(tiny_llama_config(), 40)
+    head = Eagle3Head(cfg)
+    pos = _packed_positions(list(lengths))
+    t = pos.shape[1]
+    batch = dict(
+        aux_hidden=torch.randn(1, t, 3 * cfg.hidden_size),
+        input_ids=torch.randint(0, cfg.vocab_size, (1, t)),
+        position_ids=pos,
+        loss_mask=torch.ones(1, t, dtype=torch.long),
+        teacher_logits=torch.randn(1, t, 40),
+        teacher_in_draft=torch.ones(1, t, dtype=torch.bool),
+    )
+    return head, batch
+
+
+def test_ttt_step_zero_is_plain_next_next_token_prediction():
+    """Step 0 of the unroll: position t reads (g_t, x_{t+1}) and is scored against the teacher at t+1,
+    never across a conversation boundary; each later step counts one position fewer per conversation."""
+    head, b = _head_and_batch()
+    out = head(**b, ttt_length=3)
+    # Conversation of n tokens: predictions of x_{t+2+k} inside it give n-2-k positions.
+    assert out.metrics.counts == [(9 - 2 - k) + (7 - 2 - k) for k in range(3)]
+    # Recompute step 0 by hand with causal attention inside each conversation.
+    hidden = head.fc(b["aux_hidden"])
+    step0_logits = []
+    for start, n in ((0, 9), (9, 7)):
+        sl = slice(start, start + n)
+        ids = b["input_ids"][:, sl]
+        nxt = torch.cat([ids[:, 1:], torch.zeros(1, 1, dtype=torch.long)], 1)
+        pos = b["position_ids"][:, sl]
+        step0 = head.step(hidden[:, sl], nxt, pos, [], DocumentLayout.from_position_ids(pos))
+        step0_logits.append(head.logits(step0)[0, : n - 2])  # positions whose x_{t+2} is in the conversation
+    logits = torch.cat(step0_logits, 0)
+    targets = torch.cat([b["teacher_logits"][0, 1:8], b["teacher_logits"][0, 10:15]], 0).softmax(-1)
+    ref = soft_cross_entropy(logits, targets)
+    assert out.metrics.losses[0].item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_ttt_loss_is_decayed_sum_and_masks_apply():
+    head, b = _head_and_batch()
+    out = head(**b, ttt_length=3, loss_decay=0.8)
+    expected = sum(0.8**k * out.metrics.losses[k] for k in range(3))
+    assert out.loss.item() == pytest.approx(float(expected), rel=1e-6)
+    # Untrained tokens and teacher argmaxes outside the draft vocab remove positions.
+    b["loss_mask"][0, 5] = 0
+    b["teacher_in_draft"][0, 3] = False
+    masked = head(**b, ttt_length=1)
+    assert masked.metrics.counts == [out.metrics.counts[0] - 2]
+    # Gradients reach every trained parameter but never the frozen embedding.
+    out.loss.backward()
+    assert head.embed_tokens.weight.grad is None
+    for name, p in head.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_head_registry():
+    assert head_class("LlamaForCausalLMEagle3") is Eagle3Head
+    with pytest.raises(ValueError, match="LlamaForCausalLMEagle3"):
+        head_class("NoSuchHead")
+
+
+def test_draft_config_follows_target():
+    tc = tiny_llama_config()
+    cfg = eagle3_config(tc, 40)
+    assert cfg.architectures == ["LlamaForCausalLMEagle3"]
+    assert (cfg.num_hidden_layers, cfg.draft_vocab_size, cfg.vocab_size, cfg.target_hidden_size) == (1, 40, 97, 32)
+    assert cfg.tie_word_embeddings is False and cfg.norm_before_residual is False
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4, 2, 8)
+
+
+def test_target_capture_matches_hidden_states(tiny_llama):
+    draft_ids = torch.tensor([0, 3, 5, 7, 11, 13, 50, 96])
+    target = FrozenTarget(tiny_llama, None, draft_ids)
+    assert target.aux_layer_ids == default_aux_layer_ids(8) == [2, 4, 5]
+    assert not any(p.requires_grad for p in target.parameters())
+    ids = torch.randint(0, 97, (1, 12))
+    pos = torch.arange(12)[None]
+    out = target(ids, pos, vocab_chunk=10)  # several vocabulary chunks
+    ref = tiny_llama(input_ids=ids, position_ids=pos, output_hidden_states=True)
+    hs = ref.hidden_states
+    torch.testing.assert_close(out.aux_hidden, torch.cat([hs[2], hs[4], hs[5]], -1))
+    torch.testing.assert_close(out.last_hidden, hs[-1])
+    torch.testing.assert_close(out.teacher_logits, ref.logits[..., draft_ids])
+    in_draft = torch.isin(ref.logits.argmax(-1), draft_ids)
+    assert torch.equal(out.teacher_in_draft, in_draft)
+
+
+def test_target_packed_rows_do_not_attend_across_conversations(tiny_llama):
+    """DESIGN §9: with position_ids restarting, the packed forward equals separate forwards."""
+    target = FrozenTarget(tiny_llama, [1, 3, 6], torch.arange(10))
+    a, b = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 5))
+    packed = target(torch.cat([a, b], 1), _packed_positions([7, 5]))
+    sep_a = target(a, torch.arange(7)[None])
+    sep_b = target(b, torch.arange(5)[None])
+    torch.testing.assert_close(packed.aux_hidden, torch.cat([sep_a.aux_hidden, sep_b.aux_hidden], 1))
+    torch.testing.assert_close(packed.teacher_logits, torch.cat([sep_a.teacher_logits, sep_b.teacher_logits], 1))
+
+
+def test_target_rejects_repeating_default_ids():
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=6))
+    with pytest.raises(ValueError, match="fewer than 7 layers"):
+        FrozenTarget(model, None, torch.arange(4))
