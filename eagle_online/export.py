@@ -1,0 +1,330 @@
+"""EAGLE-3 checkpoints in the layout SGLang and vLLM serve, and loading such checkpoints back (DESIGN §5).
+
+An export is a directory with `config.json` (the head's LlamaConfig) and `model.safetensors` holding the
+serving names exactly: both engines skip names they do not know without a word, and a skipped tensor
+serves at τ = 1. So every name, shape and dtype is checked before anything is written, and the directory
+appears only once complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig
+
+from eagle_online.heads.eagle3 import ARCHITECTURE, Eagle3Head
+from eagle_online.target import default_aux_layer_ids
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+# Serving name → shape, in the head config's dimensions: H hidden, Ht target hidden, A = heads·head_dim,
+# KV = kv_heads·head_dim, I intermediate, V target vocab, Vd draft vocab. q/k/v read cat(embed, feature): 2H.
+REQUIRED_TENSORS: dict[str, tuple[str, ...]] = {
+    "fc.weight": ("H", "3*Ht"),
+    "midlayer.input_layernorm.weight": ("H",),
+    "midlayer.hidden_norm.weight": ("H",),
+    "midlayer.self_attn.q_proj.weight": ("A", "2*H"),
+    "midlayer.self_attn.k_proj.weight": ("KV", "2*H"),
+    "midlayer.self_attn.v_proj.weight": ("KV", "2*H"),
+    "midlayer.self_attn.o_proj.weight": ("H", "A"),
+    "midlayer.post_attention_layernorm.weight": ("H",),
+    "midlayer.mlp.gate_proj.weight": ("I", "H"),
+    "midlayer.mlp.up_proj.weight": ("I", "H"),
+    "midlayer.mlp.down_proj.weight": ("H", "I"),
+    "norm.weight": ("H",),
+    "lm_head.weight": ("Vd", "H"),
+    "d2t": ("Vd",),
+    "t2d": ("V",),
+}
+# Both engines take the target's embedding (vLLM would keep a checkpoint's copy if it differed), so an
+# export omits it; a checkpoint being loaded may carry it.
+EMBED_NAME = "embed_tokens.weight"
+EMBED_SHAPE = ("V", "H")
+# Exact dtypes of the vocabulary maps; every other tensor must be floating point.
+INDEX_DTYPES = {"d2t": torch.int64, "t2d": torch.bool}
+
+_ID_KEY = "eagle_aux_hidden_state_layer_ids"
+
+
+class ExportError(ValueError):
+    """A checkpoint that would not serve correctly (wrong names, shapes, dtypes, layer ids) or cannot be read."""
+
+
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """REQUIRED_TENSORS (plus the optional embedding) with the config's dimensions filled in."""
+    h = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    dims = {
+        "H": h,
+        "Ht": getattr(config, "target_hidden_size", None) or h,
+        "A": config.num_attention_heads * head_dim,
+        "KV": kv_heads * head_dim,
+        "I": config.intermediate_size,
+        "V": config.vocab_size,
+        "Vd": config.draft_vocab_size,
+    }
+
+    def dim(expr: str) -> int:
+        factor, _, symbol = expr.rpartition("*")
+        return int(factor or 1) * dims[symbol]
+
+    shapes = {name: tuple(dim(e) for e in rule) for name, rule in REQUIRED_TENSORS.items()}
+    shapes[EMBED_NAME] = tuple(dim(e) for e in EMBED_SHAPE)
+    return shapes
+
+
+def check_tensors(tensors: Mapping[str, torch.Tensor], config, *, allow_embed: bool) -> None:
+    """Raise ExportError naming every missing, unexpected, mis-shaped or mis-typed tensor, and checking
+    that d2t and t2d describe the same draft vocabulary."""
+    shapes = expected_shapes(config)
+    allowed = set(REQUIRED_TENSORS) | ({EMBED_NAME} if allow_embed else set())
+    problems = [f"missing tensor {name}" for name in REQUIRED_TENSORS if name not in tensors]
+    problems += [f"unexpected tensor {name}" for name in tensors if name not in allowed]
+    for name, t in tensors.items():
+        if name not in allowed:
+            continue
+        if tuple(t.shape) != shapes[name]:
+            problems.append(f"tensor {name} has shape {list(t.shape)}, expected {list(shapes[name])}")
+        want = INDEX_DTYPES.get(name)
+        if want is not None and t.dtype != want:
+            problems.append(f"tensor {name} has dtype {t.dtype}, expected {want}")
+        if want is None and not t.dtype.is_floating_point:
+            problems.append(f"tensor {name} has dtype {t.dtype}, expected a floating-point dtype")
+    if problems:
+        raise ExportError("; ".join(problems))
+    _check_vocab_maps(tensors["d2t"], tensors["t2d"])
+
+
+def _check_vocab_maps(d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+    """Draft id i is target id i + d2t[i]; t2d marks exactly those target ids. A head whose maps were
+    never filled in (all zeros) fails here rather than serving wrong tokens."""
+    ids = torch.arange(len(d2t)) + d2t.cpu()
+    if len(ids) and (ids.min() < 0 or ids.max() >= len(t2d)):
+        raise ExportError(f"tensor d2t maps draft ids outside the target vocabulary [0, {len(t2d)})")
+    t2d = t2d.cpu()
+    if int(t2d.sum()) != len(d2t) or not bool(t2d[ids].all()):
+        raise ExportError(
+            "tensors d2t and t2d disagree: t2d must be True exactly at the target ids arange + d2t "
+            "(was the head's vocabulary map initialised, e.g. by init_from_target?)"
+        )
+
+
+def check_aux_layer_ids(aux_layer_ids, target_num_layers: int) -> list[int]:
+    """Three distinct ids of the target's decoder layers (id i = the residual stream entering layer i)."""
+    ids = [int(i) for i in aux_layer_ids]
+    if len(ids) != 3 or len(set(ids)) != 3 or min(ids) < 0 or max(ids) >= target_num_layers:
+        raise ExportError(
+            f"aux layer ids {ids} must be 3 distinct ids in [0, {target_num_layers}) "
+            "(the defaults [2, N//2, N-3] repeat for targets with fewer than 7 layers: no engine serves them)"
+        )
+    return ids
+
+
+def serving_config(config, aux_layer_ids, target_num_layers: int, dtype: torch.dtype) -> dict:
+    """The config.json dict both engines read (DESIGN §5), including the layer-id trap:
+
+    with the default ids no id is written anywhere (both engines' defaults agree); with other ids the
+    top-level field gets them as given (vLLM) and `eagle_config` gets them minus one (SGLang adds one),
+    with a warning because SGLang's reading changed across versions."""
+    ids = check_aux_layer_ids(aux_layer_ids, target_num_layers)
+    cfg = config.to_dict()  # every field explicit: engine and transformers defaults differ across versions
+    cfg.update(
+        architectures=[ARCHITECTURE],
+        num_hidden_layers=1,
+        draft_vocab_size=config.draft_vocab_size,
+        target_hidden_size=getattr(config, "target_hidden_size", None) or config.hidden_size,
+        tie_word_embeddings=False,  # true would make SGLang use the embedding as lm_head
+        norm_before_residual=False,  # vLLM's speculators format defaults it to True
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    _add_legacy_rope(cfg)
+    # Drop ids the head's config may carry (e.g. loaded from another checkpoint) before deciding.
+    cfg.pop(_ID_KEY, None)
+    eagle_config = dict(cfg.pop("eagle_config", None) or {})
+    eagle_config.pop(_ID_KEY, None)
+    default = default_aux_layer_ids(target_num_layers)
+    if ids != default:
+        if min(ids) < 1:
+            raise ExportError(
+                f"aux layer id 0 cannot be written for SGLang, which reads eagle_config ids as id - 1: got {ids}"
+            )
+        cfg[_ID_KEY] = ids
+        eagle_config[_ID_KEY] = [i - 1 for i in ids]
+        warnings.warn(
+            f"explicit aux layer ids {ids} (the defaults for a {target_num_layers}-layer target are {default}): "
+            f"wrote {_ID_KEY}={ids} at the top level for vLLM and eagle_config.{_ID_KEY}={[i - 1 for i in ids]} "
+            "for SGLang, which adds 1. SGLang's reading depends on its version (a 2026-05 change adds 1 only "
+            "when the first id is 1): check the acceptance rate after serving, a layer off gives ~1%.",
+            stacklevel=3,
+        )
+    if eagle_config:
+        cfg["eagle_config"] = eagle_config
+    return cfg
+
+
+def _add_legacy_rope(cfg: dict) -> None:
+    """transformers 5 writes only `rope_parameters`; engines running transformers 4.x read `rope_theta` and
+    `rope_scaling` and would otherwise fall back to theta 10000. Both spellings load the same in 5.x."""
+    rope = cfg.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        return  # absent, or per-layer-type parameters: leave as is
+    cfg["rope_theta"] = rope["rope_theta"]
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    cfg["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
+
+
+def export_eagle3(head: Eagle3Head, out_dir, aux_layer_ids: list[int], target_num_layers: int) -> Path:
+    """Write a directory SGLang and vLLM load as an EAGLE-3 draft: config.json and model.safetensors with
+    the serving names, without the embedding (both engines use the target's).
+
+    Everything is checked first (ExportError names the offending tensor), written into a temporary
+    sibling directory, and renamed into place; an existing export is replaced only once the new one is
+    complete, and nothing half-written is left behind on error."""
+    state = head.state_dict()
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items() if name != EMBED_NAME}
+    check_tensors(tensors, head.config, allow_embed=False)
+    config = serving_config(head.config, aux_layer_ids, target_num_layers, tensors["fc.weight"].dtype)
+
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    out = Path(out_dir).resolve()  # through a symlink: the export it points at is replaced
+    _write_atomically(out, write)
+    return out
+
+
+def _is_replaceable(path: Path) -> bool:
+    """Only an empty directory or an earlier EAGLE-3 export may be replaced (never, say, the target's own
+    model directory given by mistake)."""
+    if not path.is_dir():
+        return False
+    if not any(path.iterdir()):
+        return True
+    try:
+        return ARCHITECTURE in json.loads((path / CONFIG_NAME).read_text()).get("architectures", [])
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
+    """Fill a temporary sibling of `out`, then rename it into place, replacing `out` only after."""
+    if out.exists() and not _is_replaceable(out):
+        raise ExportError(f"refusing to replace {out}: it is neither empty nor an EAGLE-3 export")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.with_name(f".{out.name}.tmp-{tag}")
+    tmp.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0700
+    try:
+        write(tmp)
+        if out.exists():
+            # POSIX has no atomic swap of two directories: the old one steps aside, the new one takes
+            # its name, and on failure the old one comes back.
+            old = out.with_name(f".{out.name}.old-{tag}")
+            out.rename(old)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_tensors(path) -> dict[str, torch.Tensor]:
+    """A checkpoint directory's tensors on CPU: model.safetensors, a sharded safetensors index, or
+    pytorch_model.bin (as the original EAGLE-3 releases ship). vLLM's `layers.0.` becomes `midlayer.`."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if (path / WEIGHTS_NAME).exists():
+        tensors = load_file(str(path / WEIGHTS_NAME))
+    elif index.exists():
+        tensors = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            tensors.update(load_file(str(path / shard)))
+    elif (path / "pytorch_model.bin").exists():
+        tensors = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise ExportError(f"no {WEIGHTS_NAME}, sharded safetensors or pytorch_model.bin in {path}")
+    return {("midlayer." + k[len("layers.0."):] if k.startswith("layers.0.") else k): v for k, v in tensors.items()}
+
+
+def head_from_tensors(config, tensors: Mapping[str, torch.Tensor], embed_weight: torch.Tensor | None = None):
+    """An Eagle3Head holding `tensors` (checked first), in their floating-point dtype. The embedding is
+    the checkpoint's when it has one, else `embed_weight` (the target's)."""
+    check_tensors(tensors, config, allow_embed=True)
+    tensors = dict(tensors)
+    dtype = tensors["fc.weight"].dtype
+    if EMBED_NAME not in tensors:
+        if embed_weight is None:
+            raise ExportError(f"the checkpoint has no {EMBED_NAME}: pass the target's embedding as embed_weight")
+        want = expected_shapes(config)[EMBED_NAME]
+        if tuple(embed_weight.shape) != want:
+            raise ExportError(f"embed_weight has shape {list(embed_weight.shape)}, expected {list(want)}")
+        tensors[EMBED_NAME] = embed_weight.detach().to("cpu", dtype)
+    head = Eagle3Head(config)
+    for p in head.parameters():  # parameters only: RoPE's inv_freq buffer stays fp32
+        p.data = p.data.to(dtype)
+    head.load_state_dict(tensors, strict=True)
+    return head
+
+
+def load_eagle3(path, embed_weight: torch.Tensor | None = None) -> Eagle3Head:
+    """Load an exported (or another trainer's) EAGLE-3 directory, config.json plus weights, into an
+    Eagle3Head; embed_tokens comes from `embed_weight` (the target's) when the checkpoint has none."""
+    path = Path(path)
+    if not (path / CONFIG_NAME).exists():
+        raise ExportError(f"no {CONFIG_NAME} in {path}")
+    config = LlamaConfig.from_json_file(str(path / CONFIG_NAME))
+    architectures = getattr(config, "architectures", None) or []
+    if ARCHITECTURE not in architectures:
+        raise ExportError(f"{path / CONFIG_NAME} has architectures {architectures}, expected [{ARCHITECTURE!r}]")
+    if getattr(config, "draft_vocab_size", None) is None:
+        raise ExportError(f"{path / CONFIG_NAME} has no draft_vocab_size")
+    return head_from_tensors(config, read_tensors(path), embed_weight)
+
+
+def checkpoint_names(run_dir) -> list[str]:
+    """A run's complete checkpoints (a `.tmp` one was interrupted while being written), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and "." not in p.name and (p / WEIGHTS_NAME).exists())
+
+
+def export_run(run_dir, checkpoint: str | None = None, out=None) -> Path:
+    """Export a training run's checkpoint (default: the newest) to `out` (default: RUN_DIR/export).
+
+    The run directory holds draft_config.json (the head's LlamaConfig), run_info.json
+    ({"aux_layer_ids", "target_num_layers"}) and checkpoints/<name>/model.safetensors (the head's
+    state_dict)."""
+    run_dir = Path(run_dir)
+    for name in ("draft_config.json", "run_info.json"):
+        if not (run_dir / name).exists():
+            raise ExportError(f"{run_dir} is not a run directory: no {name}")
+    names = checkpoint_names(run_dir)
+    if checkpoint is None:
+        if not names:
+            raise ExportError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
+        checkpoint = names[-1]
+    elif checkpoint not in names:
+        raise ExportError(f"no complete checkpoint {checkpoint!r} under {run_dir / 'checkpoints'}; found {names}")
+    config = LlamaConfig.from_json_file(str(run_dir / "draft_config.json"))
+    info = json.loads((run_dir / "run_info.json").read_text())
+    head = head_from_tensors(config, load_file(str(run_dir / "checkpoints" / checkpoint / WEIGHTS_NAME)))
+    return export_eagle3(
+        head, out if out is not None else run_dir / "export", info["aux_layer_ids"], info["target_num_layers"]
+    )
