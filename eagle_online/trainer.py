@@ -1,0 +1,324 @@
+"""The online training loop: setup, train, train_step, save_checkpoint, resume.
+
+Each micro-step runs the frozen target once over a packed row, hands its aux features and
+teacher logits straight to the draft head, and backpropagates the head's TTT loss. Nothing of
+the target is written to disk.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from eagle_online.data import prepare_data
+from eagle_online.data.packing import PackedBatch, pack_conversations
+from eagle_online.data.vocab import build_draft_vocab, count_trained_tokens, load_draft_vocab, save_draft_vocab
+from eagle_online.export import checkpoint_names
+from eagle_online.heads import head_class
+from eagle_online.heads.eagle3 import eagle3_config
+from eagle_online.losses import expected_acceptance_length
+from eagle_online.metrics import trackers, truncate_metrics
+from eagle_online.recipe import Recipe
+from eagle_online.target import FrozenTarget, decoder_layers, load_target_model, load_tokenizer
+
+CHECKPOINT_PREFIX = "step_"
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Linear warmup to 1, then cosine or linear decay to 0 (or constant) over the remaining steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """A nested recipe as flat scalar hyperparameters (what TensorBoard's hparams accept)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+class _Interrupt:
+    """Turns SIGINT/SIGTERM into a flag, so the loop finishes its step and saves before exiting."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+class Trainer:
+    """Trains one draft head online against a frozen target, as a recipe describes."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.run_dir = Path(recipe.run.output_dir)
+        self.step = 0  # optimizer steps done
+        self.interrupt = _Interrupt()
+
+    # ----------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        """Build everything: accelerator, tokenizer, data, draft vocab, target, head, optimizer."""
+        r = self.recipe
+        mixed = r.training.mixed_precision
+        if mixed == "auto":
+            mixed = "bf16" if torch.cuda.is_available() else "no"
+        self.accelerator = Accelerator(
+            mixed_precision=mixed, log_with=trackers(self.run_dir), project_dir=str(self.run_dir)
+        )
+        acc = self.accelerator
+        set_seed(r.run.seed)
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.yaml").write_text(r.to_yaml())
+        acc.wait_for_everyone()
+
+        self.tokenizer = load_tokenizer(r.target)
+        self.data = prepare_data(r.data, self.tokenizer)
+        if not self.data.examples:
+            raise ValueError(f"no usable conversations in the data sources: {self.data.stats}")
+        model = load_target_model(r.target, acc.device)
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        d2t, t2d = self._draft_vocab(vocab_size)
+        draft_ids = torch.arange(len(d2t)) + d2t
+        self.target = FrozenTarget(model, r.target.aux_layer_ids, draft_ids.to(acc.device))
+
+        config = eagle3_config(model.config, r.draft.draft_vocab_size)
+        config.vocab_size = vocab_size
+        head = head_class(r.draft.architecture)(config)
+        head.init_from_target(
+            self.target.embed_weight.float().cpu(),
+            self.target.lm_head_draft.float().cpu() if r.draft.init_lm_head_from_target else None,
+            d2t,
+            t2d,
+        )
+        self.head_config = config
+        if acc.is_main_process:
+            config.to_json_file(self.run_dir / "draft_config.json")
+            info = {"aux_layer_ids": self.target.aux_layer_ids, "target_num_layers": len(decoder_layers(model))}
+            (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+            (self.run_dir / "data_stats.json").write_text(json.dumps(self.data.stats, indent=2) + "\n")
+
+        t = r.training
+        optimizer = torch.optim.AdamW(
+            head.trainable_parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
+        )
+        self.world = acc.num_processes
+        self.micro_per_epoch = len(self._epoch_batches(0)) // self.world
+        self.steps_per_epoch = self.micro_per_epoch // t.gradient_accumulation_steps
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"one epoch gives {self.micro_per_epoch} micro-batches per rank, fewer than "
+                f"gradient_accumulation_steps={t.gradient_accumulation_steps}: add data or lower data.tokens_per_batch"
+            )
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        warmup = int(t.warmup_ratio * self.total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, self.total_steps, warmup, t.schedule)
+        )
+        self.head, self.optimizer = acc.prepare(head, optimizer)
+        self.scheduler = scheduler  # stepped by us once per optimizer step, whatever the world size
+        acc.register_for_checkpointing(self.scheduler)
+        acc.init_trackers("tensorboard", config=_flat(r.model_dump(mode="json")))
+
+    def _draft_vocab(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Count trained tokens once per run and cache the draft vocabulary with it."""
+        path = self.run_dir / "draft_vocab.safetensors"
+        size = self.recipe.draft.draft_vocab_size
+        if not path.exists() and self.accelerator.is_main_process:
+            counts = count_trained_tokens(self.data.examples, vocab_size)
+            d2t, t2d = build_draft_vocab(counts, size)
+            save_draft_vocab(path, d2t, t2d, counts)
+        self.accelerator.wait_for_everyone()
+        d2t, t2d = load_draft_vocab(path)
+        if len(d2t) != size or len(t2d) != vocab_size:
+            raise ValueError(
+                f"{path} holds a draft vocab of {len(d2t)} over {len(t2d)} tokens, but the recipe asks "
+                f"{size} over the target's {vocab_size}: delete it or use another run.output_dir"
+            )
+        return d2t, t2d
+
+    # ------------------------------------------------------------------------------------ data
+    def _epoch_batches(self, epoch: int) -> list[PackedBatch]:
+        """The packed micro-batches of one epoch: conversations shuffled by (seed, epoch), then packed."""
+        examples = self.data.examples
+        if self.recipe.data.shuffle:
+            gen = torch.Generator().manual_seed(self.recipe.run.seed * 1_000_003 + epoch)
+            examples = [examples[i] for i in torch.randperm(len(examples), generator=gen).tolist()]
+        return pack_conversations(examples, self.recipe.data.tokens_per_batch)
+
+    def _micro_batches(self, step: int) -> list[PackedBatch]:
+        """This rank's micro-batches for an optimizer step: a pure function of the step, so a
+        resumed run reads exactly what the uninterrupted one would have. Every rank gets the same
+        number (the epoch's tail that does not divide evenly is dropped), so every rank runs the
+        target the same number of times."""
+        ga = self.recipe.training.gradient_accumulation_steps
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if getattr(self, "_cached_epoch", None) != epoch:
+            self._cached_epoch, self._cached_batches = epoch, self._epoch_batches(epoch)
+        rank = self.accelerator.process_index
+        first = index * ga
+        return [self._cached_batches[(first + m) * self.world + rank] for m in range(ga)]
+
+    # ------------------------------------------------------------------------------------ loop
+    def train_step(self, batches: list[PackedBatch]) -> dict[str, float]:
+        """One optimizer step over `batches` (gradient accumulation); returns its metrics."""
+        acc, r = self.accelerator, self.recipe
+        ga = len(batches)
+        sums: dict[str, float] = {}
+        tokens = 0
+        times = {"target": 0.0, "head": 0.0}
+        for m, batch in enumerate(batches):
+            input_ids = batch.input_ids.to(acc.device)
+            position_ids = batch.position_ids.to(acc.device)
+            loss_mask = batch.loss_mask.to(acc.device)
+            t0 = time.perf_counter()
+            out = self.target(input_ids, position_ids)
+            t1 = time.perf_counter()
+            sync = acc.no_sync(self.head) if m < ga - 1 else nullcontext()
+            with sync, acc.autocast():
+                res = self.head(
+                    out.aux_hidden, input_ids, position_ids, loss_mask, out.teacher_logits, out.teacher_in_draft,
+                    ttt_length=r.draft.ttt_length, loss_decay=r.draft.loss_decay,
+                )
+                acc.backward(res.loss / ga)
+            times["target"] += t1 - t0
+            times["head"] += time.perf_counter() - t1
+            tokens += batch.num_tokens
+            for k, v in res.metrics.as_dict().items():
+                sums[k] = sums.get(k, 0.0) + v / ga
+            sums["loss"] = sums.get("loss", 0.0) + float(res.loss.detach()) / ga
+        grad_norm = acc.clip_grad_norm_(self.head.parameters(), r.training.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums["grad_norm"] = float(grad_norm)
+        sums["lr"] = self.scheduler.get_last_lr()[0]
+        sums["tokens"] = tokens
+        sums.update({f"time_{k}": v for k, v in times.items()})
+        return self._reduce(sums)
+
+    def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Average metrics over ranks (tokens are summed)."""
+        if self.world == 1:
+            return metrics
+        keys = sorted(metrics)
+        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        t = self.accelerator.reduce(t, reduction="sum")
+        out = {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
+        out["tokens"] = out["tokens"] * self.world
+        steps = len([k for k in keys if k.startswith("acc_")])
+        out["tau_hat"] = expected_acceptance_length([out[f"acc_{k}"] for k in range(steps)])
+        return out
+
+    def train(self) -> dict[str, float]:
+        """Run from the current step to the end (or an interrupt); returns the last step's metrics."""
+        acc = self.accelerator
+        self.interrupt.install()
+        self.resume()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (acc.is_main_process and self.recipe.training.progress_bar))
+        last: dict[str, float] = {}
+        window_tokens, window_start = 0, time.perf_counter()
+        every = self.recipe.training.checkpoint_every
+        while self.step < self.total_steps:
+            last = self.train_step(self._micro_batches(self.step))
+            self.step += 1
+            window_tokens += last["tokens"]
+            elapsed = time.perf_counter() - window_start
+            last["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+            last["epoch"] = self.step / self.steps_per_epoch
+            if self.step % self.recipe.training.log_every == 0 or self.step == self.total_steps:
+                acc.log(last, step=self.step)
+                window_tokens, window_start = 0, time.perf_counter()
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", acc_0=f"{last['acc_0']:.3f}",
+                            tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
+            stop = self._interrupt_requested()
+            if self.step % every == 0 or self.step == self.total_steps or stop:
+                self.save_checkpoint()
+            if stop:
+                bar.close()
+                if acc.is_main_process:
+                    print(f"interrupted: checkpoint saved at step {self.step}; run again to resume", flush=True)
+                raise KeyboardInterrupt
+        bar.close()
+        acc.end_training()
+        return last
+
+    def _interrupt_requested(self) -> bool:
+        """All ranks must agree to stop at the same step, or the next collective hangs."""
+        if self.world == 1:
+            return self.interrupt.requested
+        flag = torch.tensor([float(self.interrupt.requested)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Save head, optimizer, scheduler and RNG state under a temporary name, then rename it."""
+        acc = self.accelerator
+        final = self.run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.step:08d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            (tmp / "trainer_state.json").write_text(
+                json.dumps({"step": self.step, "total_steps": self.total_steps}, indent=2) + "\n"
+            )
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in checkpoint_names(self.run_dir)[: -self.recipe.training.keep_checkpoints]:
+                shutil.rmtree(final.parent / old)
+        acc.wait_for_everyone()
+        return final
+
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint, if the recipe allows and there is one."""
+        if not self.recipe.training.resume:
+            return
+        found = checkpoint_names(self.run_dir)
+        if not found:
+            return
+        latest = self.run_dir / "checkpoints" / found[-1]
+        self.accelerator.load_state(str(latest))
+        state = json.loads((latest / "trainer_state.json").read_text())
+        if state["total_steps"] != self.total_steps:
+            raise ValueError(
+                f"{latest} belongs to a run of {state['total_steps']} steps, this recipe makes {self.total_steps}: "
+                "resume only with the same recipe and data (or set training.resume=false / another run.output_dir)"
+            )
+        self.step = state["step"]
+        if self.accelerator.is_main_process:
+            truncate_metrics(self.run_dir, self.step)
+            print(f"resumed from {latest} at step {self.step}", flush=True)
+
+    def unwrapped_head(self):
+        """The head module without distributed wrappers."""
+        return self.accelerator.unwrap_model(self.head)

@@ -1,0 +1,41 @@
+"""Train an EAGLE draft head online against a frozen target.
+
+    accelerate launch launch/train.py --recipe llama3_eagle3 [key=value ...]
+    python launch/train.py --recipe tiny_eagle3 training.max_steps=50
+
+`--recipe` takes a name in recipes/ or a path; `key=value` overrides any recipe field
+(`training.lr=1e-4`, `data.sources.0.max_rows=100`). Interrupt with Ctrl-C or SIGTERM: the
+current step finishes, a checkpoint is written, and running the same command again resumes.
+"""
+import argparse
+import sys
+
+from eagle_online.data.sources import DataError
+from eagle_online.export import ExportError, export_run
+from eagle_online.recipe import RecipeError, load_recipe
+from eagle_online.trainer import Trainer
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help="recipe name (recipes/NAME.yaml) or path")
+    parser.add_argument("overrides", nargs="*", help="key=value recipe overrides")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        trainer = Trainer(recipe)
+        trainer.setup()
+        trainer.train()
+        if recipe.training.export_at_end and trainer.accelerator.is_main_process:
+            out = export_run(recipe.run.output_dir)
+            print(f"exported the draft head to {out}")
+    except (RecipeError, DataError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
