@@ -211,11 +211,11 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v / ga
             sums["loss"] = sums.get("loss", 0.0) + float(res.loss.detach()) / ga
         grad_norm = acc.clip_grad_norm_(self.head.parameters(), r.training.max_grad_norm)
+        sums["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step applies
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         sums["grad_norm"] = float(grad_norm)
-        sums["lr"] = self.scheduler.get_last_lr()[0]
         sums["tokens"] = tokens
         sums.update({f"time_{k}": v for k, v in times.items()})
         return self._reduce(sums)

@@ -196,3 +196,14 @@ def test_target_rejects_repeating_default_ids():
     model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=6))
     with pytest.raises(ValueError, match="fewer than 7 layers"):
         FrozenTarget(model, None, torch.arange(4))
+
+
+def test_document_layout_regroups_and_restores_tokens():
+    # Two rows: the second starts mid-sequence with position 3 (still a new conversation for the row).
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [3, 4, 0, 1, 2, 3]])
+    layout = DocumentLayout.from_position_ids(pos)
+    assert layout.valid.sum(1).tolist() == [3, 2, 1, 2, 4]
+    tokens = torch.arange(12)
+    padded = layout.pad(tokens)
+    assert padded[layout.valid].tolist() == list(range(12))
+    assert torch.equal(layout.unpad(padded), tokens)
