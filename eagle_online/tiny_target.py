@@ -68,7 +68,7 @@ def tiny_conversations(cfg: TinyTargetConfig) -> tuple[list[list[dict]], list[li
         messages = [
             {"role": m["role"], "content": m["content"][: cfg.max_chars_per_message]}
             for m in messages
-            if m["content"].strip()
+            if m["content"] and m["content"].strip()
         ]
         if not any(m["role"] == "assistant" for m in messages):
             continue
@@ -175,7 +175,9 @@ def ngram_repetition(ids: list[int], n: int = 4) -> float:
 
 
 @torch.no_grad()
-def sample_replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0):
+def sample_replies(
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0
+):
     """Token ids of the model's replies to single-turn prompts (greedy when temperature is 0)."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
