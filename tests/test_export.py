@@ -11,7 +11,7 @@ from transformers import LlamaConfig
 
 import eagle_online.export as export_mod
 from eagle_online.export import REQUIRED_TENSORS, ExportError, export_eagle3, export_run, load_eagle3
-from eagle_online.heads.eagle3 import Eagle3Head, document_ids, eagle3_config
+from eagle_online.heads.eagle3 import DocumentLayout, Eagle3Head, eagle3_config
 
 VOCAB, DRAFT_VOCAB, LAYERS = 100, 40, 8
 DEFAULT_IDS = [2, 4, 5]  # [2, N//2, N-3] for N = 8, written out by hand
@@ -145,14 +145,12 @@ def test_unservable_ids_are_refused(tmp_path, ids, layers):
 
 def _step_twice(head, aux, tokens, pos):
     """Two chained draft steps from the fused feature: (pre-norm output, logits) of each."""
-    docs = document_ids(pos)
-    t = pos.shape[1]
-    mask = ((docs[:, :, None] == docs[:, None, :]) & torch.ones(t, t, dtype=torch.bool).tril())[:, None]
+    layout = DocumentLayout.from_position_ids(pos)
     cache, outs = [], []
     hidden = head.fc(aux)
     for k in range(2):
-        hidden, logits = head.step(hidden, tokens, pos + k, cache, mask)
-        outs += [hidden, logits]
+        hidden = head.step(hidden, tokens, pos + k, cache, layout)
+        outs += [hidden, head.logits(hidden)]
     return outs
 
 
