@@ -67,7 +67,9 @@ class FrozenTarget(nn.Module):
             layers[i].register_forward_pre_hook(self._capture_hook(i), with_kwargs=True)
         # The draft-vocab rows of lm_head are taken once: the teacher never needs the rest except for
         # the argmax test, which streams over vocabulary chunks.
-        self.register_buffer("draft_ids", draft_ids.clone(), persistent=False)
+        in_draft = torch.zeros(self.lm_head_weight.shape[0], dtype=torch.bool, device=draft_ids.device)
+        in_draft[draft_ids] = True
+        self.register_buffer("in_draft", in_draft, persistent=False)  # t2d: is a target id a draft token
         self.register_buffer("lm_head_draft", self.lm_head_weight[draft_ids].detach().clone(), persistent=False)
 
     @property
@@ -100,10 +102,10 @@ class FrozenTarget(nn.Module):
             aux_hidden=aux,
             last_hidden=last,
             teacher_logits=teacher_logits,
-            teacher_in_draft=self._argmax_in_draft(last, teacher_logits, vocab_chunk),
+            teacher_in_draft=self._argmax_in_draft(last, vocab_chunk),
         )
 
-    def _argmax_in_draft(self, last: torch.Tensor, teacher_logits: torch.Tensor, chunk: int) -> torch.Tensor:
+    def _argmax_in_draft(self, last: torch.Tensor, chunk: int) -> torch.Tensor:
         """Whether the full-vocabulary argmax is a draft token, streaming lm_head in chunks so that
         [tokens × vocab] logits never exist at once."""
         weight = self.lm_head_weight
@@ -115,9 +117,7 @@ class FrozenTarget(nn.Module):
             better = value > best  # strict: the lowest id wins ties, as torch.argmax does
             best = torch.where(better, value, best)
             best_id = torch.where(better, idx + start, best_id)
-        t2d = torch.zeros(weight.shape[0], dtype=torch.bool, device=last.device)
-        t2d[self.draft_ids] = True
-        return t2d[best_id]
+        return self.in_draft[best_id]
 
 
 def load_target_model(cfg: TargetConfig, device: torch.device) -> nn.Module:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -241,8 +242,6 @@ def train_tiny_target(out_dir: Path = TINY_CHAT_DIR, cfg: TinyTargetConfig | Non
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     model.to(torch.bfloat16).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -265,8 +264,6 @@ def train_tiny_target(out_dir: Path = TINY_CHAT_DIR, cfg: TinyTargetConfig | Non
     }
     (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     log(json.dumps(report, indent=2))

@@ -55,6 +55,13 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _with_tau_hat(metrics: dict[str, float]) -> dict[str, float]:
+    """τ̂ of averaged metrics is that of the averaged per-step accuracies, not an average of τ̂s."""
+    steps = sum(1 for k in metrics if k.startswith("acc_"))
+    metrics["tau_hat"] = expected_acceptance_length([metrics[f"acc_{k}"] for k in range(steps)])
+    return metrics
+
+
 class _Interrupt:
     """Turns SIGINT/SIGTERM into a flag, so the loop finishes its step and saves before exiting."""
 
@@ -77,6 +84,7 @@ class Trainer:
         self.run_dir = Path(recipe.run.output_dir)
         self.step = 0  # optimizer steps done
         self.interrupt = _Interrupt()
+        self._epoch, self._batches = -1, []  # the packed micro-batches of the epoch being read
 
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -96,9 +104,7 @@ class Trainer:
         acc.wait_for_everyone()
 
         self.tokenizer = load_tokenizer(r.target)
-        self.data = prepare_data(r.data, self.tokenizer)
-        if not self.data.examples:
-            raise ValueError(f"no usable conversations in the data sources: {self.data.stats}")
+        self.data = prepare_data(r.data, self.tokenizer)  # raises DataError when nothing is usable
         model = load_target_model(r.target, acc.device)
         vocab_size = model.get_output_embeddings().weight.shape[0]
         d2t, t2d = self._draft_vocab(vocab_size)
@@ -114,7 +120,6 @@ class Trainer:
             d2t,
             t2d,
         )
-        self.head_config = config
         if acc.is_main_process:
             config.to_json_file(self.run_dir / "draft_config.json")
             info = {"aux_layer_ids": self.target.aux_layer_ids, "target_num_layers": len(decoder_layers(model))}
@@ -126,11 +131,11 @@ class Trainer:
             head.trainable_parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
         )
         self.world = acc.num_processes
-        self.micro_per_epoch = len(self._epoch_batches(0)) // self.world
-        self.steps_per_epoch = self.micro_per_epoch // t.gradient_accumulation_steps
+        micro_per_epoch = len(self._epoch_micro_batches(0)) // self.world
+        self.steps_per_epoch = micro_per_epoch // t.gradient_accumulation_steps
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"one epoch gives {self.micro_per_epoch} micro-batches per rank, fewer than "
+                f"one epoch gives {micro_per_epoch} micro-batches per rank, fewer than "
                 f"gradient_accumulation_steps={t.gradient_accumulation_steps}: add data or lower data.tokens_per_batch"
             )
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
@@ -161,13 +166,17 @@ class Trainer:
         return d2t, t2d
 
     # ------------------------------------------------------------------------------------ data
-    def _epoch_batches(self, epoch: int) -> list[PackedBatch]:
-        """The packed micro-batches of one epoch: conversations shuffled by (seed, epoch), then packed."""
+    def _epoch_micro_batches(self, epoch: int) -> list[PackedBatch]:
+        """The packed micro-batches of one epoch (all ranks'): conversations shuffled by (seed, epoch),
+        then packed. Packed once per epoch and kept while the epoch is read."""
+        if epoch == self._epoch:
+            return self._batches
         examples = self.data.examples
         if self.recipe.data.shuffle:
             gen = torch.Generator().manual_seed(self.recipe.run.seed * 1_000_003 + epoch)
             examples = [examples[i] for i in torch.randperm(len(examples), generator=gen).tolist()]
-        return pack_conversations(examples, self.recipe.data.tokens_per_batch)
+        self._epoch, self._batches = epoch, pack_conversations(examples, self.recipe.data.tokens_per_batch)
+        return self._batches
 
     def _micro_batches(self, step: int) -> list[PackedBatch]:
         """This rank's micro-batches for an optimizer step: a pure function of the step, so a
@@ -176,11 +185,10 @@ class Trainer:
         target the same number of times."""
         ga = self.recipe.training.gradient_accumulation_steps
         epoch, index = divmod(step, self.steps_per_epoch)
-        if getattr(self, "_cached_epoch", None) != epoch:
-            self._cached_epoch, self._cached_batches = epoch, self._epoch_batches(epoch)
+        batches = self._epoch_micro_batches(epoch)
         rank = self.accelerator.process_index
         first = index * ga
-        return [self._cached_batches[(first + m) * self.world + rank] for m in range(ga)]
+        return [batches[(first + m) * self.world + rank] for m in range(ga)]
 
     # ------------------------------------------------------------------------------------ loop
     def train_step(self, batches: list[PackedBatch]) -> dict[str, float]:
@@ -218,7 +226,7 @@ class Trainer:
         sums["grad_norm"] = float(grad_norm)
         sums["tokens"] = tokens
         sums.update({f"time_{k}": v for k, v in times.items()})
-        return self._reduce(sums)
+        return _with_tau_hat(self._reduce(sums))
 
     def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         """Average metrics over ranks (tokens are summed)."""
@@ -229,8 +237,6 @@ class Trainer:
         t = self.accelerator.reduce(t, reduction="sum")
         out = {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
         out["tokens"] = out["tokens"] * self.world
-        steps = len([k for k in keys if k.startswith("acc_")])
-        out["tau_hat"] = expected_acceptance_length([out[f"acc_{k}"] for k in range(steps)])
         return out
 
     def train(self) -> dict[str, float]:
