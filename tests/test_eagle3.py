@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from eagle_online.heads import head_class
-from eagle_online.heads.eagle3 import DocumentLayout, Eagle3Head, TTTAttention, document_ids, eagle3_config
+from eagle_online.heads.eagle3 import DocumentLayout, Eagle3Head, TTTAttention, eagle3_config
 from eagle_online.losses import accuracy, expected_acceptance_length, soft_cross_entropy
 from eagle_online.target import FrozenTarget, default_aux_layer_ids
 from tests.conftest import tiny_llama_config
@@ -28,7 +28,7 @@ def test_ttt_attention_matches_dense_reference():
     steps, lengths = 4, [5, 3, 6]
     pos = _packed_positions(lengths)
     t = pos.shape[1]
-    docs = document_ids(pos)
+    docs = torch.cumsum(pos == 0, dim=-1)  # conversation of each token
     layout = DocumentLayout.from_position_ids(pos)
     xs = [torch.randn(1, t, 2 * cfg.hidden_size, dtype=torch.double) for _ in range(steps)]
     cache, outs = [], []
@@ -203,6 +203,7 @@ def test_document_layout_regroups_and_restores_tokens():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [3, 4, 0, 1, 2, 3]])
     layout = DocumentLayout.from_position_ids(pos)
     assert layout.valid.sum(1).tolist() == [3, 2, 1, 2, 4]
+    assert layout.doc.tolist() == [[0, 0, 0, 1, 1, 2], [3, 3, 4, 4, 4, 4]]
     tokens = torch.arange(12)
     padded = layout.pad(tokens)
     assert padded[layout.valid].tolist() == list(range(12))

@@ -54,11 +54,6 @@ def eagle3_config(target_config, draft_vocab_size: int) -> LlamaConfig:
     )
 
 
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] index of the conversation each packed token belongs to (positions restart at 0)."""
-    return torch.cumsum((position_ids == 0).long(), dim=-1)
-
-
 def shift_left(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
     """x[:, t + n] at position t along dim 1, `fill` past the end."""
     if n == 0:
@@ -71,10 +66,12 @@ def shift_left(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
 class DocumentLayout:
     """Packed tokens regrouped one conversation per row, so attention costs Σ len² instead of T².
 
-    `gather` [D, L] indexes the flat B·T tokens (padding points at token 0 and is masked by
-    `valid`); `scatter` [B·T] indexes the flat D·L padded grid back to token order.
+    `doc` [B, T] numbers each token's conversation; `gather` [D, L] indexes the flat B·T tokens
+    (padding points at token 0 and is masked by `valid`); `scatter` [B·T] indexes the flat D·L
+    padded grid back to token order.
     """
 
+    doc: torch.Tensor
     gather: torch.Tensor
     valid: torch.Tensor
     scatter: torch.Tensor
@@ -92,7 +89,7 @@ class DocumentLayout:
         gather = torch.zeros(n_docs, longest, dtype=torch.long, device=flat.device)
         gather[doc, offset] = torch.arange(flat.numel(), device=flat.device)
         valid = torch.arange(longest, device=flat.device)[None, :] < lengths[:, None]
-        return cls(gather=gather, valid=valid, scatter=doc * longest + offset)
+        return cls(doc=doc.view_as(position_ids), gather=gather, valid=valid, scatter=doc * longest + offset)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """[B·T, ...] in token order → [D, L, ...] one conversation per row."""
@@ -234,8 +231,8 @@ class Eagle3Head(nn.Module):
         loss = Σ_k decay^k · softCE_k.
         """
         b, t = input_ids.shape
-        docs = document_ids(position_ids)
         layout = DocumentLayout.from_position_ids(position_ids)
+        docs = layout.doc
         teacher_probs = teacher_logits.reshape(b * t, -1).float().softmax(-1)
         hidden = self.fc(aux_hidden.to(self.fc.weight.dtype))
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
