@@ -1,0 +1,31 @@
+"""Benchmarks, each writing JSON and printing a table.
+
+    python launch/bench.py throughput --recipe tiny_eagle3 --out bench.json
+    python launch/bench.py serve --url http://localhost:30000 --prompts question.jsonl
+    python launch/bench.py quality --out quality.json
+
+`python launch/bench.py SUBCOMMAND --help` lists a benchmark's options.
+"""
+import argparse
+import importlib
+import sys
+
+from eagle_online.bench import SUBCOMMANDS
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        print(__doc__, file=sys.stderr)
+        print(f"error: the first argument is one of {sorted(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(SUBCOMMANDS[name])
+    parser = argparse.ArgumentParser(prog=f"bench.py {name}", description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    return module.main(parser.parse_args(rest))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
