@@ -6,7 +6,7 @@ unknown keys, and overrides are applied to the raw mapping and validated again a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -63,19 +63,36 @@ class DraftConfig(_Section):
 class DataSource(_Section):
     """One source of conversations."""
 
-    path: str = Field(description="a local .json/.jsonl/.parquet file, a datasets hub name, or builtin:sharegpt")
+    path: str = Field(
+        description="a local .json/.jsonl/.parquet file, a directory of them (e.g. regenerate's output), "
+        "a datasets hub name, or builtin:sharegpt"
+    )
     split: str = "train"
+    streaming: bool = Field(False, description="hub datasets: read as a stream instead of downloading it whole")
     max_rows: int | None = Field(default=None, gt=0)
     skip_rows: int = Field(0, ge=0, description="rows to skip at the start (e.g. to hold some out)")
+    weight: float = Field(
+        1.0, gt=0, description="times each sequence is seen per epoch; a fraction picks an evenly spaced subset"
+    )
 
 
 class DataConfig(_Section):
     """Conversations, their tokenisation and packing."""
 
     sources: list[DataSource] = Field(min_length=1)
-    max_length: int = Field(2048, gt=1, description="longer conversations are truncated to this many tokens")
+    max_length: int = Field(2048, gt=1, description="tokens per training sequence at most")
+    overlong: Literal["truncate", "skip"] = Field("truncate", description="what to do with longer sequences")
     tokens_per_batch: int = Field(8192, gt=1, description="packed tokens per micro-step and rank")
     shuffle: bool = True
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra template variables, e.g. {enable_thinking: false} for Qwen3"
+    )
+    multi_turn: Literal["whole", "per_turn"] = Field(
+        "whole",
+        description="whole: one sequence per conversation, each turn trained as the history shows it; per_turn: "
+        "one sequence per assistant turn as the target generated it (keeps reasoning the template drops from "
+        "history, e.g. Qwen3's earlier <think> blocks; costs tokens quadratic in the turns)",
+    )
 
     @model_validator(mode="after")
     def _batch_holds_a_conversation(self):
@@ -84,6 +101,21 @@ class DataConfig(_Section):
                 f"tokens_per_batch ({self.tokens_per_batch}) must be >= max_length ({self.max_length})"
             )
         return self
+
+
+class RegenerateConfig(_Section):
+    """Self-distillation: the recipe's data with every assistant turn replaced by the target's own reply."""
+
+    output_dir: str | None = Field(default=None, description="where the JSONL goes; default run.output_dir/regenerated")
+    max_new_tokens: int = Field(512, gt=0)
+    temperature: float = Field(0.0, ge=0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(16, gt=0, description="conversations generated together (HF backend)")
+    max_prompt_tokens: int | None = Field(
+        default=None, gt=0, description="stop a conversation at a longer prompt; default data.max_length"
+    )
+    backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vLLM when installed, else HF generate")
+    seed: int = 0
 
 
 class TrainingConfig(_Section):
@@ -115,6 +147,7 @@ class Recipe(_Section):
     draft: DraftConfig = DraftConfig()
     data: DataConfig
     training: TrainingConfig = TrainingConfig()
+    regenerate: RegenerateConfig = RegenerateConfig()
 
     def to_yaml(self) -> str:
         """The fully resolved recipe, every default written out."""

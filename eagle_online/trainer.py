@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from eagle_online.data import prepare_data
+from eagle_online.data import format_stats, prepare_data
 from eagle_online.data.packing import PackedBatch, pack_conversations
 from eagle_online.data.vocab import build_draft_vocab, count_trained_tokens, load_draft_vocab, save_draft_vocab
 from eagle_online.export import checkpoint_names
@@ -125,6 +125,7 @@ class Trainer:
             info = {"aux_layer_ids": self.target.aux_layer_ids, "target_num_layers": len(decoder_layers(model))}
             (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
             (self.run_dir / "data_stats.json").write_text(json.dumps(self.data.stats, indent=2) + "\n")
+            print(format_stats(self.data.stats), flush=True)
 
         t = r.training
         optimizer = torch.optim.AdamW(

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from eagle_online.data import (
     TokenizedConversation,
     build_draft_vocab,
     count_trained_tokens,
+    format_stats,
     iter_conversations,
     load_draft_vocab,
     pack_conversations,
@@ -20,6 +22,7 @@ from eagle_online.data import (
     save_draft_vocab,
     tokenize_conversation,
 )
+from eagle_online.data.prepare import copies
 from eagle_online.recipe import DataConfig, DataSource
 from eagle_online.tiny_target import build_tokenizer
 
@@ -44,15 +47,6 @@ CONVERSATIONS = [
     ],
 ]
 
-LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-# A Llama-3-style layout: different headers, the content trimmed, no newline after the end-of-turn.
-LLAMA3_TEMPLATE = (
-    "<|begin_of_text|>"
-    "{% for message in messages %}"
-    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
 # A ChatML layout that, like Qwen3's, opens the *last* reply with an empty think block.
 THINK_SPECIAL = ["<|im_start|>", "<|im_end|>"]
 THINK_TEMPLATE = (
@@ -79,11 +73,6 @@ def tiny_tok():
 
 
 @pytest.fixture(scope="module")
-def llama3_tok():
-    return _tokenizer(LLAMA3_TEMPLATE, LLAMA3_SPECIAL)
-
-
-@pytest.fixture(scope="module")
 def think_tok():
     return _tokenizer(THINK_TEMPLATE, THINK_SPECIAL)
 
@@ -91,7 +80,7 @@ def think_tok():
 def trained_spans(tok, example: TokenizedConversation) -> list[str]:
     """The trained tokens, decoded run by run."""
     runs, run = [], []
-    for token, m in zip(example.input_ids, example.loss_mask):
+    for token, m in zip(example.input_ids.tolist(), example.loss_mask.tolist()):
         if m:
             run.append(token)
         elif run:
@@ -105,21 +94,19 @@ def trained_spans(tok, example: TokenizedConversation) -> list[str]:
 @pytest.mark.parametrize("conv", CONVERSATIONS, ids=["system_two_turns", "short_reply", "unicode"])
 def test_loss_mask_tiny_template(tiny_tok, conv):
     example = tokenize_conversation(tiny_tok, conv, max_length=4096)
-    assert example.input_ids == tiny_tok.apply_chat_template(conv, tokenize=True, return_dict=False)
+    assert example.input_ids.tolist() == tiny_tok.apply_chat_template(conv, tokenize=True, return_dict=False)
     expected = [m["content"] + "<|end|>" for m in conv if m["role"] == "assistant"]
     assert trained_spans(tiny_tok, example) == expected
     # The bos, and the newline after each end-of-turn, are scaffolding.
-    assert example.loss_mask[0] == 0 and example.loss_mask[-1] == 0
+    assert not example.loss_mask[0] and not example.loss_mask[-1]
 
 
-@pytest.mark.parametrize("conv", CONVERSATIONS, ids=["system_two_turns", "short_reply", "unicode"])
-def test_loss_mask_llama3_template(llama3_tok, conv):
-    padded = [{**m, "content": f"  {m['content']} \n"} for m in conv]  # the template trims
-    example = tokenize_conversation(llama3_tok, padded, max_length=4096)
-    assert example.input_ids == llama3_tok.apply_chat_template(padded, tokenize=True, return_dict=False)
-    expected = [m["content"] + "<|eot_id|>" for m in conv if m["role"] == "assistant"]
-    assert trained_spans(llama3_tok, example) == expected
-    assert example.input_ids[-1] == llama3_tok.convert_tokens_to_ids("<|eot_id|>") and example.loss_mask[-1] == 1
+def test_examples_are_compact(tiny_tok):
+    example = tokenize_conversation(tiny_tok, CONVERSATIONS[0])
+    assert example.input_ids.dtype == np.int32 and example.loss_mask.dtype == np.bool_
+    assert example.input_ids.nbytes + example.loss_mask.nbytes == 5 * len(example)
+    with pytest.raises(ValueError, match="equal 1-D shapes"):
+        TokenizedConversation([1, 2, 3], [1, 0])
 
 
 def test_loss_mask_template_text_before_reply(think_tok):
@@ -130,7 +117,7 @@ def test_loss_mask_template_text_before_reply(think_tok):
         {"role": "user", "content": "And now?"},
         {"role": "assistant", "content": "in"},
     ]
-    example = tokenize_conversation(think_tok, conv, max_length=4096)
+    example = tokenize_conversation(think_tok, conv)
     # The think block is what the target generates after its generation prompt, so it is trained.
     assert trained_spans(think_tok, example) == ["out<|im_end|>", "<think>\n\n</think>\n\nin<|im_end|>"]
 
@@ -138,11 +125,11 @@ def test_loss_mask_template_text_before_reply(think_tok):
 def test_truncation_keeps_mask_aligned(tiny_tok):
     conv = CONVERSATIONS[0]
     full = tokenize_conversation(tiny_tok, conv, max_length=4096)
-    second_reply_start = max(i for i, m in enumerate(full.loss_mask) if m and not full.loss_mask[i - 1])
+    second_reply_start = max(i for i, m in enumerate(full.loss_mask.tolist()) if m and not full.loss_mask[i - 1])
     cut = second_reply_start + 3
     short = tokenize_conversation(tiny_tok, conv, max_length=cut)
     assert len(short.input_ids) == len(short.loss_mask) == cut
-    assert short.input_ids == full.input_ids[:cut] and short.loss_mask == full.loss_mask[:cut]
+    assert (short.input_ids == full.input_ids[:cut]).all() and (short.loss_mask == full.loss_mask[:cut]).all()
     spans = trained_spans(tiny_tok, short)
     assert spans[0] == conv[2]["content"] + "<|end|>"
     assert conv[4]["content"].startswith(spans[1]) and len(spans[1]) > 0
@@ -154,6 +141,7 @@ def _sharegpt(conv):
 
 
 def _write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
@@ -205,6 +193,12 @@ def test_bad_json_names_file_and_record(tmp_path):
         list(iter_conversations(DataSource(path=str(tmp_path / "missing.jsonl"))))
 
 
+def _cfg(*sources, **kwargs) -> DataConfig:
+    kwargs.setdefault("max_length", 4096)
+    kwargs.setdefault("tokens_per_batch", 4096)
+    return DataConfig(sources=[s if isinstance(s, DataSource) else DataSource(path=str(s)) for s in sources], **kwargs)
+
+
 def test_malformed_rows_are_skipped_and_counted(tmp_path, tiny_tok):
     good = {"messages": CONVERSATIONS[1]}
     records = [
@@ -213,33 +207,123 @@ def test_malformed_rows_are_skipped_and_counted(tmp_path, tiny_tok):
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},
         {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"content": "no role"}]},
         # A leading reply (ShareGPT splits long chats) and a trailing prompt are dropped, the rest used.
         {"messages": [{"role": "assistant", "content": "orphan"}, *CONVERSATIONS[2], {"role": "user", "content": "?"}]},
         {"messages": [{"role": "user", "content": "a " * 200}, {"role": "assistant", "content": "ok"}]},
     ]
     path = _write_jsonl(tmp_path / "mixed.jsonl", records)
     # Cut the third conversation inside its reply.
-    full = [tokenize_conversation(tiny_tok, c, 4096) for c in CONVERSATIONS]
-    max_length = full[2].loss_mask.index(1) + 2
-    cfg = DataConfig(sources=[DataSource(path=str(path))], max_length=max_length, tokens_per_batch=4096)
-    prepared = prepare_data(cfg, tiny_tok)
+    full = [tokenize_conversation(tiny_tok, c) for c in CONVERSATIONS]
+    max_length = int(np.argmax(full[2].loss_mask)) + 2
+    prepared = prepare_data(_cfg(path, max_length=max_length), tiny_tok)
     assert isinstance(prepared, PreparedData)
     stats = prepared.stats["sources"][str(path)]
-    assert stats["skipped"] == {"empty_turn": 2, "no_assistant_turn": 1, "no_trained_tokens": 1, "unknown_role": 1}
-    assert stats["rows_read"] == 7 and stats["rows_used"] == 2 == len(prepared.examples)
-    assert [e.input_ids for e in prepared.examples] == [full[1].input_ids[:max_length], full[2].input_ids[:max_length]]
-    assert [e.loss_mask for e in prepared.examples] == [full[1].loss_mask[:max_length], full[2].loss_mask[:max_length]]
-    assert stats["truncated"] == 1 + (len(full[1].input_ids) > max_length)
-    assert stats["tokens"] == sum(len(e.input_ids) for e in prepared.examples)
-    assert stats["trained_tokens"] == sum(sum(e.loss_mask) for e in prepared.examples)
+    assert stats["skipped"] == {
+        "empty_turn": 2, "malformed_turn": 1, "no_assistant_turn": 1, "no_trained_tokens": 1, "unknown_role": 1
+    }
+    assert stats["rows_read"] == 8 and stats["rows_used"] == 2 == len(prepared.examples)
+    for got, want in zip(prepared.examples, (full[1], full[2])):
+        assert got.input_ids.tolist() == want.input_ids[:max_length].tolist()
+        assert got.loss_mask.tolist() == want.loss_mask[:max_length].tolist()
+    assert stats["truncated"] == 1 + (len(full[1]) > max_length)
+    assert stats["tokens"] == sum(len(e) for e in prepared.examples)
+    assert stats["trained_tokens"] == sum(e.num_trained for e in prepared.examples)
     assert 0 < stats["trained_fraction"] < 1
-    assert prepared.stats["total"]["rows_used"] == 2 and prepared.stats["total"]["rows_read"] == 7
+    assert prepared.stats["total"]["rows_used"] == 2 and prepared.stats["total"]["rows_read"] == 8
+
+
+def test_overlong_skip_or_truncate(tmp_path, tiny_tok):
+    full = [tokenize_conversation(tiny_tok, c) for c in CONVERSATIONS]
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    max_length = sorted(len(e) for e in full)[1]  # two fit, one is longer
+    skipped = prepare_data(_cfg(path, max_length=max_length, overlong="skip"), tiny_tok)
+    assert skipped.stats["sources"][str(path)]["skipped"] == {"too_long": 1}
+    assert sorted(len(e) for e in skipped.examples) == sorted(len(e) for e in full)[:2]
+    assert "too_long 1" in format_stats(skipped.stats)
+    cut = prepare_data(_cfg(path, max_length=max_length), tiny_tok)
+    assert cut.stats["sources"][str(path)]["truncated"] == 1 and len(cut.examples) == 3
+    assert max(len(e) for e in cut.examples) == max_length
+
+
+def test_template_errors_are_counted(tmp_path, think_tok):
+    # A template that cannot render a conversation (here: roles that do not alternate) skips that row.
+    template = "{% for m in messages %}{% if loop.index0 % 2 == 0 and m['role'] != 'user' %}" \
+        "{{ raise_exception('roles must alternate') }}{% endif %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    tok = build_tokenizer(CONVERSATIONS, vocab_size=300)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = template
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVERSATIONS[0]}, {"messages": CONVERSATIONS[1]}])
+    prepared = prepare_data(_cfg(path), tok)
+    assert prepared.stats["sources"][str(path)]["skipped"] == {"template_error": 1}
+    assert "roles must alternate" in prepared.stats["first_template_error"]
+
+
+def test_sources_mix_by_weight(tmp_path, tiny_tok):
+    a = _write_jsonl(tmp_path / "a.jsonl", [{"messages": CONVERSATIONS[0]}] * 4)
+    b = _write_jsonl(tmp_path / "b.jsonl", [{"messages": CONVERSATIONS[1]}] * 4)
+    cfg = _cfg(DataSource(path=str(a), weight=2.0), DataSource(path=str(b), weight=0.5), DataSource(path=str(b)))
+    prepared = prepare_data(cfg, tiny_tok)
+    one_a, one_b = (tokenize_conversation(tiny_tok, c) for c in CONVERSATIONS[:2])
+    kinds = Counter("a" if len(e) == len(one_a) else "b" for e in prepared.examples)
+    assert kinds == {"a": 8, "b": 2 + 4}
+    sources = prepared.stats["sources"]
+    assert [s["sequences_per_epoch"] for s in sources.values()] == [8, 2, 4]
+    assert list(sources) == [str(a), f"{b}#1", f"{b}#2"]  # a path used twice is told apart
+    assert prepared.stats["total"]["sequences_per_epoch"] == len(prepared.examples) == 14
+    # Every weight is a whole part plus an evenly spaced share of the rest, with no randomness.
+    assert [copies(i, 0.5) for i in range(6)] == [0, 1, 0, 1, 0, 1]
+    assert [copies(i, 1.25) for i in range(8)] == [1, 1, 1, 2, 1, 1, 1, 2]
+    text = format_stats(prepared.stats)
+    assert str(a) in text and "total" in text and "0.5" in text
+
+
+def test_per_turn_sequences(tmp_path, tiny_tok):
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    prepared = prepare_data(_cfg(path, multi_turn="per_turn"), tiny_tok)
+    assert len(prepared.examples) == 5  # one sequence per assistant turn
+    assert [trained_spans(tiny_tok, e) for e in prepared.examples[:2]] == [
+        [CONVERSATIONS[0][2]["content"] + "<|end|>"], [CONVERSATIONS[0][4]["content"] + "<|end|>"]
+    ]
+    assert prepared.stats["sources"][str(path)]["sequences"] == 5
+
+
+def test_directory_source_reads_every_file(tmp_path):
+    folder = tmp_path / "regenerated"
+    _write_jsonl(folder / "01-b" / "part-00000-of-00001.jsonl", [{"messages": CONVERSATIONS[2]}])
+    _write_jsonl(folder / "00-a" / "part-00000-of-00001.jsonl", [{"messages": c} for c in CONVERSATIONS[:2]])
+    assert list(iter_conversations(DataSource(path=str(folder)))) == CONVERSATIONS
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no"):
+        list(iter_conversations(DataSource(path=str(tmp_path / "empty"))))
+
+
+def test_hub_source_streams(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, split, streaming):
+        calls.append((name, split, streaming))
+        records = [{"messages": c} for c in CONVERSATIONS]
+        return datasets.IterableDataset.from_generator(lambda: iter(records)) if streaming else records
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    got = list(iter_conversations(DataSource(path="org/chats", split="train_sft", streaming=True, max_rows=2)))
+    assert got == CONVERSATIONS[:2] and calls == [("org/chats", "train_sft", True)]
+
+    def broken(name, split, streaming):
+        raise FileNotFoundError("no such dataset")
+
+    monkeypatch.setattr(datasets, "load_dataset", broken)
+    with pytest.raises(DataError, match=r"dataset 'org/missing' \(split 'train'\) cannot be loaded"):
+        list(iter_conversations(DataSource(path="org/missing")))
 
 
 def test_no_usable_conversation_is_an_error(tmp_path, tiny_tok):
     path = _write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(DataError, match="no usable conversation"):
-        prepare_data(DataConfig(sources=[DataSource(path=str(path))], max_length=40, tokens_per_batch=64), tiny_tok)
+        prepare_data(_cfg(path, max_length=40, tokens_per_batch=64), tiny_tok)
 
 
 def test_builtin_sharegpt():

