@@ -72,7 +72,9 @@ PARIS, ROME = "Paris is the capital of France.", "Rome.\nIt has been since 1871.
 THREE = "  One, two, three!\n"  # SPACED_CHAT's second reply, untrimmed
 GOLDEN = {
     # template: (trained runs of SYSTEM_CHAT, trained runs of SPACED_CHAT)
-    "llama-3-8b-instruct": ([PARIS + "<|eot_id|>", ROME + "<|eot_id|>"], ["hi<|eot_id|>", "One, two, three!<|eot_id|>"]),
+    "llama-3-8b-instruct": (
+        [PARIS + "<|eot_id|>", ROME + "<|eot_id|>"], ["hi<|eot_id|>", "One, two, three!<|eot_id|>"]
+    ),
     "llama-3.3-70b-instruct": (
         [PARIS + "<|eot_id|>", ROME + "<|eot_id|>"], ["hi<|eot_id|>", "One, two, three!<|eot_id|>"]
     ),
