@@ -15,6 +15,10 @@ ROLE_ALIASES = {
 }
 
 
+# How ShareGPT names the canonical roles, for writing conversations back in that format.
+SHAREGPT_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
 class UnknownRoleError(ValueError):
     """A turn names a speaker that is none of ROLE_ALIASES."""
 

@@ -66,15 +66,26 @@ def iter_conversations(source: DataSource, skipped: Counter | None = None) -> It
     file at the same row never overlap. `source.split` applies to hub datasets only. Unusable
     records are counted by reason into `skipped`.
     """
-    for where, record in iter_records(source):
+    for _, _, messages in iter_conversation_records(source, skipped):
+        yield messages
+
+
+def iter_conversation_records(
+    source: DataSource, skipped: Counter | None = None
+) -> Iterator[tuple[int, dict, list[dict]]]:
+    """`iter_conversations` with each conversation's record number (counted from the start of the
+    source, skipped rows included) and its raw record."""
+    for index, (where, record) in enumerate(iter_records(source), start=source.skip_rows):
         if not isinstance(record, dict) or not ("conversations" in record or "messages" in record):
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{where}: not a conversation (needs `conversations` or `messages`; got {keys})")
         try:
-            yield conversation_from_record(record)
+            messages = conversation_from_record(record)
         except SkippedRow as e:
             if skipped is not None:
                 skipped[e.reason] += 1
+            continue
+        yield index, record, messages
 
 
 def iter_records(source: DataSource) -> Iterator[tuple[str, object]]:

@@ -1,0 +1,159 @@
+"""Self-distillation regeneration on the tiny target: HF generate end to end, interrupted and resumed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from eagle_online.data import prepare_data
+from eagle_online.data.chat import ChatRenderer
+from eagle_online.data.regenerate import (
+    ROW_KEY,
+    HFGenerator,
+    finished_rows,
+    regenerate,
+    shard_file,
+    stop_token_ids,
+)
+from eagle_online.data.sources import DataError
+from eagle_online.recipe import load_recipe, resolve_asset
+
+RECORDS = [
+    {"id": "a", "conversations": [
+        {"from": "human", "value": "What is Python?"}, {"from": "gpt", "value": "A language."},
+        {"from": "human", "value": "Who made it?"}, {"from": "gpt", "value": "Guido."},
+    ]},
+    {"id": "b", "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Write a haiku about the sea."}, {"from": "gpt", "value": "Waves."},
+    ]},
+    {"id": "c", "messages": [{"role": "user", "content": "no reply to replace"}]},
+    {"id": "d", "messages": [
+        {"role": "user", "content": "Explain recursion briefly."}, {"role": "assistant", "content": "It calls itself."},
+    ]},
+    {"id": "e", "conversations": [
+        {"from": "human", "value": "How do I sort a list in Python?"}, {"from": "gpt", "value": "sorted(x)."},
+    ]},
+]
+USABLE = {0, 1, 3, 4}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny target's tokenizer and an HF generator on it (loaded once: the model is the slow part)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_asset("builtin:tiny_chat")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    recipe = _recipe("/unused", "/unused")
+    renderer = ChatRenderer(tokenizer)
+    return tokenizer, HFGenerator(model, tokenizer, stop_token_ids(tokenizer, renderer, model), recipe.regenerate)
+
+
+def _recipe(data, out, *overrides):
+    return load_recipe("tiny_eagle3", [
+        f"run.output_dir={out}", f"data.sources=[{{path: {data}}}]",
+        "regenerate.max_new_tokens=6", "regenerate.batch_size=2", *overrides,
+    ])
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_batched_generation_equals_one_at_a_time(tiny):
+    tokenizer, generator = tiny
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=False)
+        for text in ("hi", "Tell me about the history of the printing press in Europe.", "What is 2+2?")
+    ]
+    assert len({len(p) for p in prompts}) == 3  # left padding is exercised
+    batched = generator.generate(prompts)
+    alone = [generator.generate([p])[0] for p in prompts]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
+    # Greedy, no cache and no padding: the reference continuation.
+    model = generator.model
+    ids = torch.tensor([prompts[1]])
+    for _ in range(len(alone[1].token_ids)):
+        nxt = model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    assert ids[0, len(prompts[1]):].tolist() == alone[1].token_ids
+
+
+@pytest.mark.slow
+def test_regenerate_resumes_without_duplicates(tmp_path, tiny):
+    tokenizer, generator = tiny
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    recipe = _recipe(data, tmp_path / "run")
+
+    # A full, uninterrupted run is the reference.
+    reference = regenerate(_recipe(data, tmp_path / "ref"), tokenizer=tokenizer, generator=generator, log=lambda _: 0)
+    assert reference.written == len(USABLE) and reference.skipped == {"no_assistant_turn": 1}
+    assert reference.replies == 5
+    expected = _rows(reference.files[0])
+
+    # Interrupted after the first row, then killed in the middle of writing a line.
+    def stop(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        regenerate(recipe, tokenizer=tokenizer, generator=generator, on_row=stop, log=lambda _: 0)
+    path = shard_file(recipe, 0, 0, 1)
+    assert [r[ROW_KEY] for r in _rows(path)] == [0]
+    with path.open("a") as f:
+        f.write('{"id": "b", "conversations": [{"fr')
+    resumed = regenerate(recipe, tokenizer=tokenizer, generator=generator, log=lambda _: 0)
+    assert resumed.already_done == 1 and resumed.written == len(USABLE) - 1
+    rows = _rows(path)
+    assert sorted(r[ROW_KEY] for r in rows) == sorted(USABLE)  # every row once, no duplicate, no torn line
+    assert sorted(rows, key=lambda r: r[ROW_KEY]) == expected  # greedy: the same text as the reference
+
+    # The same schema as the input, the prompts kept, every reply the target's own.
+    for row in rows:
+        original = RECORDS[row[ROW_KEY]]
+        assert set(row) == set(original) | {ROW_KEY}
+        key = "conversations" if "conversations" in original else "messages"
+        role, text = ("from", "value") if key == "conversations" else ("role", "content")
+        assert [t[role] for t in row[key]] == [t[role] for t in original[key]]
+        for new, old in zip(row[key], original[key]):
+            if new[role] in ("gpt", "assistant"):
+                assert new[text] != old[text] and isinstance(new[text], str)
+            else:
+                assert new == old
+    # The first reply is the tiny target's greedy continuation of its prompt.
+    first = next(r for r in rows if r[ROW_KEY] == 3)
+    prompt = tokenizer.apply_chat_template(RECORDS[3]["messages"][:1], add_generation_prompt=True,
+                                           tokenize=True, return_dict=False)
+    reply = generator.generate([prompt])[0]
+    assert first["messages"][1]["content"] == tokenizer.decode(reply.token_ids, skip_special_tokens=True)
+
+    # Nothing is left to do: a third run writes nothing and loads nothing.
+    again = regenerate(recipe, tokenizer=tokenizer, generator=None, log=lambda _: 0)
+    assert again.written == 0 and again.already_done == len(USABLE)
+
+    # A recipe trains on the output folder.
+    trained = load_recipe("tiny_eagle3", [f"data.sources=[{{path: {tmp_path / 'run' / 'regenerated'}}}]"])
+    assert len(prepare_data(trained.data, tokenizer).examples) == len(USABLE)
+
+
+def test_shards_split_the_rows(tmp_path, tiny):
+    tokenizer, generator = tiny
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    recipe = _recipe(data, tmp_path / "run", "regenerate.max_new_tokens=2")
+    results = [regenerate(recipe, s, 2, tokenizer=tokenizer, generator=generator, log=lambda _: 0) for s in (0, 1)]
+    rows = [{r[ROW_KEY] for r in _rows(res.files[0])} for res in results]
+    assert rows == [{0, 4}, {1, 3}]  # row r goes to shard r % 2; the unusable row 2 nowhere
+    with pytest.raises(ValueError, match="shard 2"):
+        regenerate(recipe, 2, 2, tokenizer=tokenizer, generator=generator)
+
+
+def test_foreign_line_is_an_error(tmp_path):
+    path = tmp_path / "part.jsonl"
+    path.write_text(json.dumps({ROW_KEY: 0, "messages": []}) + "\n" + json.dumps({"messages": []}) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:2: not a regenerated row"):
+        finished_rows(path)
