@@ -242,7 +242,7 @@ def regenerate(
     files = [shard_file(recipe, k, shard, num_shards) for k in range(len(recipe.data.sources))]
     result = RegenerateResult(files=files)
     skipped: Counter = Counter()
-    for k, (source, path) in enumerate(zip(recipe.data.sources, files)):
+    for source, path in zip(recipe.data.sources, files):
         done = finished_rows(path)
         result.already_done += len(done)
         pending = (
