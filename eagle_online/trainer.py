@@ -20,7 +20,14 @@ from accelerate.utils import set_seed
 
 from eagle_online.data import format_stats, prepare_data
 from eagle_online.data.packing import PackedBatch, pack_conversations
-from eagle_online.data.vocab import build_draft_vocab, count_trained_tokens, load_draft_vocab, save_draft_vocab
+from eagle_online.data.vocab import (
+    build_draft_vocab,
+    count_trained_tokens,
+    draft_vocab_path,
+    load_draft_vocab,
+    save_draft_vocab,
+    vocab_coverage,
+)
 from eagle_online.export import checkpoint_names
 from eagle_online.heads import head_class
 from eagle_online.heads.eagle3 import eagle3_config
@@ -151,12 +158,13 @@ class Trainer:
 
     def _draft_vocab(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Count trained tokens once per run and cache the draft vocabulary with it."""
-        path = self.run_dir / "draft_vocab.safetensors"
+        path = draft_vocab_path(self.run_dir)  # launch/build_vocab.py writes it ahead, streaming
         size = self.recipe.draft.draft_vocab_size
         if not path.exists() and self.accelerator.is_main_process:
             counts = count_trained_tokens(self.data.examples, vocab_size)
             d2t, t2d = build_draft_vocab(counts, size)
             save_draft_vocab(path, d2t, t2d, counts)
+            print(f"draft vocabulary: {size} tokens cover {vocab_coverage(counts, t2d):.2%} of the trained tokens")
         self.accelerator.wait_for_everyone()
         d2t, t2d = load_draft_vocab(path)
         if len(d2t) != size or len(t2d) != vocab_size:

@@ -419,3 +419,35 @@ def test_draft_vocab_from_real_masks(tiny_tok):
     top = Counter(t for e in examples for t, m in zip(e.input_ids, e.loss_mask) if m).most_common(5)
     assert all(t2d[t] for t, _ in top)
     assert t2d[tiny_tok.convert_tokens_to_ids("<|end|>")]  # the end-of-turn token is trained, so drafted
+
+
+def test_build_vocab_streams_and_matches_the_trainer(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    import eagle_online.data.vocab as vocab
+    from eagle_online.recipe import load_recipe
+
+    monkeypatch.setattr(vocab, "_CHUNK", 16)  # count in many small chunks
+    a = _write_jsonl(tmp_path / "a.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    b = _write_jsonl(tmp_path / "b.jsonl", [{"messages": c} for c in CONVERSATIONS[1:]])
+    overrides = [f"run.output_dir={tmp_path / 'run'}", "draft.draft_vocab_size=64",
+                 f"data.sources=[{{path: {a}, weight: 2}}, {{path: {b}, weight: 0.5}}]"]
+    main = runpy.run_path("launch/build_vocab.py")["main"]
+    assert main(["--recipe", "tiny_eagle3", *overrides]) == 0
+    out = capsys.readouterr().out
+    recipe = load_recipe("tiny_eagle3", overrides)
+    path = vocab.draft_vocab_path(recipe.run.output_dir)
+    assert f"wrote {path}" in out and "covers" in out
+
+    # The same vocabulary the trainer would count from the prepared (weighted) examples.
+    from eagle_online.target import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.target)
+    counts = count_trained_tokens(prepare_data(recipe.data, tokenizer).examples, vocab.target_vocab_size(recipe.target))
+    d2t, t2d = load_draft_vocab(path)
+    want_d2t, want_t2d = build_draft_vocab(counts, 64)
+    assert torch.equal(d2t, want_d2t) and torch.equal(t2d, want_t2d)
+    report = vocab.build_recipe_vocab(recipe, tokenizer=tokenizer, path=tmp_path / "again.safetensors")
+    assert report.trained_tokens == int(counts.sum()) and report.distinct_tokens == int((counts > 0).sum())
+    assert report.coverage == pytest.approx(float(counts[t2d].sum()) / float(counts.sum()))
+    assert 0.5 < report.coverage <= 1 and f"{report.coverage:.2%}" in out

@@ -73,8 +73,8 @@ class TokenizedConversation:
         return int(self.loss_mask.sum())
 
     def truncated(self, max_length: int) -> TokenizedConversation:
-        """The first `max_length` tokens (views, no copy)."""
-        return TokenizedConversation(self.input_ids[:max_length], self.loss_mask[:max_length])
+        """The first `max_length` tokens, copied (a view would keep the whole sequence alive)."""
+        return TokenizedConversation(self.input_ids[:max_length].copy(), self.loss_mask[:max_length].copy())
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,58 @@ def load_draft_vocab(path) -> tuple[torch.Tensor, torch.Tensor]:
     if not in_range or int(t2d.sum()) != d2t.numel() or not bool(t2d[ids].all()):
         raise ValueError(f"{path}: d2t and t2d describe different vocabularies")
     return d2t, t2d
+
+
+@dataclass
+class VocabReport:
+    """What `build_recipe_vocab` wrote and how well the draft vocabulary covers the data."""
+
+    path: Path
+    draft_vocab_size: int
+    vocab_size: int
+    trained_tokens: int  # counted per epoch, weights applied
+    distinct_tokens: int  # target tokens that occur at trained positions
+    coverage: float  # fraction of the trained tokens the draft vocabulary holds
+    stats: dict  # the data statistics, as prepare_data reports them
+
+
+def draft_vocab_path(run_dir) -> Path:
+    """Where a run keeps its draft vocabulary (the trainer reuses the file when it exists)."""
+    return Path(run_dir) / "draft_vocab.safetensors"
+
+
+def target_vocab_size(target_cfg) -> int:
+    """The target's vocabulary size (its lm_head rows), read from its config without loading weights."""
+    from transformers import AutoConfig
+
+    from eagle_online.recipe import resolve_asset
+
+    config = AutoConfig.from_pretrained(resolve_asset(target_cfg.model), trust_remote_code=target_cfg.trust_remote_code)
+    size = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
+    return int(size)
+
+
+def build_recipe_vocab(recipe, tokenizer=None, vocab_size: int | None = None, path=None) -> VocabReport:
+    """Count a recipe's trained tokens in one streaming pass (weights applied, as the trainer counts
+    them, but never holding the data), choose the draft vocabulary and write it where the trainer
+    looks for it (`draft_vocab_path(run.output_dir)`, or `path`)."""
+    from eagle_online.data.prepare import copies, iter_examples
+
+    if tokenizer is None:
+        from eagle_online.target import load_tokenizer
+
+        tokenizer = load_tokenizer(recipe.target)
+    vocab_size = vocab_size or target_vocab_size(recipe.target)
+    counter = TrainedTokenCounter(vocab_size)
+    stats: dict = {}
+    seen = [0] * len(recipe.data.sources)
+    for k, example in iter_examples(recipe.data, tokenizer, stats):
+        counter.add(example, copies(seen[k], recipe.data.sources[k].weight))
+        seen[k] += 1
+    counts = counter.result()
+    size = recipe.draft.draft_vocab_size
+    d2t, t2d = build_draft_vocab(counts, size)
+    path = Path(path) if path is not None else draft_vocab_path(recipe.run.output_dir)
+    save_draft_vocab(path, d2t, t2d, counts)
+    return VocabReport(path, size, vocab_size, int(counts.sum()), int((counts > 0).sum()),
+                       vocab_coverage(counts, t2d), stats)
