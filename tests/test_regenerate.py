@@ -157,3 +157,17 @@ def test_foreign_line_is_an_error(tmp_path):
     path.write_text(json.dumps({ROW_KEY: 0, "messages": []}) + "\n" + json.dumps({"messages": []}) + "\n")
     with pytest.raises(DataError, match=rf"{path}:2: not a regenerated row"):
         finished_rows(path)
+
+
+def test_launcher_shards_from_launcher_env(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps(RECORDS[2]) + "\n")  # nothing to answer: no model is loaded
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    main = runpy.run_path("launch/regenerate.py")["main"]
+    assert main(["--recipe", "tiny_eagle3", f"run.output_dir={tmp_path}", f"data.sources=[{{path: {data}}}]"]) == 0
+    out = capsys.readouterr().out
+    assert "shard 1/3: 0 rows written" in out and "part-00001-of-00003.jsonl" in out
+    assert main(["--recipe", "tiny_eagle3", "regenerate.temperature=-1"]) == 2

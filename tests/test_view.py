@@ -184,3 +184,18 @@ def test_html_renders_highlighted_spans_in_chromium(view, tmp_path):
     assert _pixels(plain_image, HIGHLIGHT) > 2000  # the trained replies' background
     assert _pixels(plain_image, OUTLINE) == 0
     assert _pixels(bounded_image, OUTLINE) > 500
+
+
+def test_view_data_launcher(tmp_path, capsys):
+    import runpy
+
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
+    main = runpy.run_path("launch/view_data.py")["main"]
+    page = tmp_path / "page.html"
+    args = ["--recipe", "tiny_eagle3", "--index", "1", "--color", "never", "--html", str(page),
+            f"data.sources=[{{path: {data}}}]"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "no_assistant_turn 1" in out and "⟦Café crème, s'il vous plaît.<|end|>⟧" in out
+    assert page.read_text().startswith("<!doctype html>") and f"wrote {page}" in out
