@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from eagle_online.data.chat import ChatRenderer, TemplateError, tokenize_conversation
+from eagle_online.data.view import trained_runs
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
 
@@ -147,20 +148,6 @@ def family_tokenizer(name: str):
         fast.chat_template = (TEMPLATES / f"{name}.jinja").read_text()
         _CACHE[name] = fast
     return _CACHE[name]
-
-
-def trained_runs(tok, example) -> list[str]:
-    """The trained tokens, decoded run by run."""
-    runs, run = [], []
-    for token, m in zip(example.input_ids.tolist(), example.loss_mask.tolist()):
-        if m:
-            run.append(token)
-        elif run:
-            runs.append(run)
-            run = []
-    if run:
-        runs.append(run)
-    return [tok.decode(r) for r in runs]
 
 
 def test_every_fixture_has_a_golden_and_a_source():

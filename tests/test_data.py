@@ -23,6 +23,7 @@ from eagle_online.data import (
     tokenize_conversation,
 )
 from eagle_online.data.prepare import copies
+from eagle_online.data.view import trained_runs
 from eagle_online.recipe import DataConfig, DataSource
 from eagle_online.tiny_target import build_tokenizer
 
@@ -77,26 +78,12 @@ def think_tok():
     return _tokenizer(THINK_TEMPLATE, THINK_SPECIAL)
 
 
-def trained_spans(tok, example: TokenizedConversation) -> list[str]:
-    """The trained tokens, decoded run by run."""
-    runs, run = [], []
-    for token, m in zip(example.input_ids.tolist(), example.loss_mask.tolist()):
-        if m:
-            run.append(token)
-        elif run:
-            runs.append(run)
-            run = []
-    if run:
-        runs.append(run)
-    return [tok.decode(r) for r in runs]
-
-
 @pytest.mark.parametrize("conv", CONVERSATIONS, ids=["system_two_turns", "short_reply", "unicode"])
 def test_loss_mask_tiny_template(tiny_tok, conv):
     example = tokenize_conversation(tiny_tok, conv, max_length=4096)
     assert example.input_ids.tolist() == tiny_tok.apply_chat_template(conv, tokenize=True, return_dict=False)
     expected = [m["content"] + "<|end|>" for m in conv if m["role"] == "assistant"]
-    assert trained_spans(tiny_tok, example) == expected
+    assert trained_runs(tiny_tok, example) == expected
     # The bos, and the newline after each end-of-turn, are scaffolding.
     assert not example.loss_mask[0] and not example.loss_mask[-1]
 
@@ -119,7 +106,7 @@ def test_loss_mask_template_text_before_reply(think_tok):
     ]
     example = tokenize_conversation(think_tok, conv)
     # The think block is what the target generates after its generation prompt, so it is trained.
-    assert trained_spans(think_tok, example) == ["out<|im_end|>", "<think>\n\n</think>\n\nin<|im_end|>"]
+    assert trained_runs(think_tok, example) == ["out<|im_end|>", "<think>\n\n</think>\n\nin<|im_end|>"]
 
 
 def test_truncation_keeps_mask_aligned(tiny_tok):
@@ -130,7 +117,7 @@ def test_truncation_keeps_mask_aligned(tiny_tok):
     short = tokenize_conversation(tiny_tok, conv, max_length=cut)
     assert len(short.input_ids) == len(short.loss_mask) == cut
     assert (short.input_ids == full.input_ids[:cut]).all() and (short.loss_mask == full.loss_mask[:cut]).all()
-    spans = trained_spans(tiny_tok, short)
+    spans = trained_runs(tiny_tok, short)
     assert spans[0] == conv[2]["content"] + "<|end|>"
     assert conv[4]["content"].startswith(spans[1]) and len(spans[1]) > 0
 
@@ -282,7 +269,7 @@ def test_per_turn_sequences(tmp_path, tiny_tok):
     path = _write_jsonl(tmp_path / "d.jsonl", [{"messages": c} for c in CONVERSATIONS])
     prepared = prepare_data(_cfg(path, multi_turn="per_turn"), tiny_tok)
     assert len(prepared.examples) == 5  # one sequence per assistant turn
-    assert [trained_spans(tiny_tok, e) for e in prepared.examples[:2]] == [
+    assert [trained_runs(tiny_tok, e) for e in prepared.examples[:2]] == [
         [CONVERSATIONS[0][2]["content"] + "<|end|>"], [CONVERSATIONS[0][4]["content"] + "<|end|>"]
     ]
     assert prepared.stats["sources"][str(path)]["sequences"] == 5

@@ -63,6 +63,20 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
     return texts
 
 
+def trained_runs(tokenizer, example) -> list[str]:
+    """The trained tokens of a sequence, decoded run by run (what a golden-span test compares)."""
+    runs, run = [], []
+    for token, trained in zip(example.input_ids.tolist(), example.loss_mask.tolist()):
+        if trained:
+            run.append(token)
+        elif run:
+            runs.append(run)
+            run = []
+    if run:
+        runs.append(run)
+    return [tokenizer.decode(r) for r in runs]
+
+
 def collect_view(data_cfg: DataConfig, tokenizer, index: int = 0, count: int = 1) -> DataView:
     """Sequences `index` .. `index + count - 1` (in reading order, before weighting) and the
     statistics of the whole data."""
