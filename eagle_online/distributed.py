@@ -69,13 +69,14 @@ def full_shape(param: torch.Tensor) -> torch.Size:
 def full_params(*params: torch.Tensor):
     """Inside the block, the given parameters are whole on every rank (gathered under ZeRO-3 and
     partitioned again after; read-only). A collective when any is partitioned: every rank must enter."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
     # Frozen parameters only, so nothing is written back. Gathered the way the forward hooks gather
     # (all_gather_coalesced), which reads the node-local secondary partition under hpZ, where
     # GatheredParameters would gather across all ranks. Persistent parameters are already whole.
     todo = sorted({id(p): p for p in params if is_partitioned(p)}.values(), key=lambda p: p.ds_id)
-    todo = [p for p in todo if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if todo:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        todo = [p for p in todo if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
     if not todo:
         yield
         return
@@ -203,7 +204,7 @@ class Distributed:
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
-        if self.world % cfg.zero3.hpz_partition_size:
+        if self.world % effective_hpz(cfg.zero3.hpz_partition_size, self.world):
             raise DistributedError(
                 f"target.zero3.hpz_partition_size={cfg.zero3.hpz_partition_size} must divide the "
                 f"{self.world} processes (set it to the GPUs per node)"
@@ -241,8 +242,8 @@ class Distributed:
         return head, optimizer
 
     def close(self) -> None:
-        """End trackers; on a collective path end (all ranks here), wait for everyone, then tear the
-        process group down."""
+        """Finish the trackers, wait for every rank, then destroy the process group. Call it on paths that
+        every rank takes (the end of training, an interrupt all ranks agreed on), never after one rank's error."""
         acc = self.accelerator
         for tracker in acc.trackers:
             tracker.finish()

@@ -32,7 +32,10 @@ def main(argv=None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.plan:
-            print(format_plan(recipe, *target_shapes(recipe.target.model)))
+            try:
+                print(format_plan(recipe, *target_shapes(recipe.target.model)))
+            except ValueError as e:  # no shapes for this target without a download
+                raise RecipeError(str(e)) from None
             return 0
         trainer = Trainer(recipe)
         trainer.setup()
@@ -40,7 +43,7 @@ def main(argv=None) -> int:
         if recipe.training.export_at_end and trainer.accelerator.is_main_process:
             out = export_run(recipe.run.output_dir)
             print(f"exported the draft head to {out}")
-    except (RecipeError, DataError, ExportError, DistributedError, ValueError) as e:
+    except (RecipeError, DataError, ExportError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
