@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from eagle_online.data.sources import DataError
-from eagle_online.distributed import DistributedError
+from eagle_online.distributed import DistributedError, exit_process
 from eagle_online.export import ExportError, export_run
 from eagle_online.plan import format_plan, target_shapes
 from eagle_online.recipe import RecipeError, load_recipe
@@ -52,4 +52,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
