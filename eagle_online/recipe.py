@@ -35,9 +35,9 @@ class Zero3Config(_Section):
     """DeepSpeed ZeRO-3 settings for the frozen target (read when target.sharding is zero3)."""
 
     hpz_partition_size: int = Field(
-        1, ge=1, description="ZeRO++ hierarchical partitioning: each rank also keeps a 1/N share of every "
-        "parameter partitioned over N ranks (set N = GPUs per node), so after the first step all gathers stay "
-        "inside a node; 1 = off",
+        1, ge=1, description="ZeRO++ hierarchical partitioning: each rank also keeps a second, 1/N share of "
+        "every parameter, partitioned over N ranks (set N = GPUs per node), so every all-gather stays inside a "
+        "node; 1 = off",
     )
     param_persistence_threshold: int = Field(
         100_000, ge=0, description="parameters of at most this many elements stay whole on every rank"
