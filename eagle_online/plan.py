@@ -232,6 +232,10 @@ def standard_layouts(recipe: Recipe, gpus_per_node: int = 8) -> list[Layout]:
     ]
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def _gb(x: float) -> str:
     return f"{x / GB:.1f}"
 
@@ -240,7 +244,7 @@ def format_plan(recipe: Recipe, shapes: TargetShapes, source: str, gpus_per_node
     """The plan as the markdown table `launch/train.py --plan` prints and launch/SCALING.md shows."""
     t = shapes
     lines = [
-        f"Plan for recipe {recipe.run.name}: target {recipe.target.model} ({t.params / 1e9:.2f}B parameters, "
+        f"Plan for recipe {recipe.run.name}: target {recipe.target.model} ({_count(t.params)} parameters, "
         f"{recipe.target.dtype}), EAGLE-3 head {eagle3_head_params(t, recipe.draft.draft_vocab_size) / 1e6:.0f}M "
         f"trainable, {recipe.data.tokens_per_batch} tokens per micro-step, gradient accumulation "
         f"{recipe.training.gradient_accumulation_steps}, optimizer sharding {recipe.training.optimizer_sharding}.",
