@@ -31,6 +31,21 @@ class RunConfig(_Section):
     seed: int = 0
 
 
+class Zero3Config(_Section):
+    """DeepSpeed ZeRO-3 settings for the frozen target (read when target.sharding is zero3)."""
+
+    hpz_partition_size: int = Field(
+        1, ge=1, description="ZeRO++ hierarchical partitioning: each rank also keeps a second, 1/N share of "
+        "every parameter, partitioned over N ranks (set N = GPUs per node), so every all-gather stays inside a "
+        "node; 1 = off",
+    )
+    param_persistence_threshold: int = Field(
+        100_000, ge=0, description="parameters of at most this many elements stay whole on every rank"
+    )
+    prefetch_bucket_size: int = Field(50_000_000, ge=0, description="elements fetched ahead of the running layer")
+    max_live_parameters: int = Field(1_000_000_000, ge=0, description="gathered elements kept before releasing")
+
+
 class TargetConfig(_Section):
     """The frozen target model."""
 
@@ -41,6 +56,11 @@ class TargetConfig(_Section):
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
+    sharding: Literal["none", "zero3"] = Field(
+        "none", description="none: every rank holds the whole target; zero3: DeepSpeed ZeRO-3 partitions it "
+        "across ranks (built under zero.Init, so no rank ever holds all of it)",
+    )
+    zero3: Zero3Config = Zero3Config()
 
     @field_validator("aux_layer_ids")
     @classmethod
@@ -130,6 +150,10 @@ class TrainingConfig(_Section):
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(default=None, gt=0, description="optimizer steps; overrides epochs")
     gradient_accumulation_steps: int = Field(1, gt=0)
+    optimizer_sharding: Literal["none", "zero1"] = Field(
+        "none", description="zero1: the head's AdamW state is partitioned across ranks (torch's "
+        "ZeroRedundancyOptimizer, ZeRO stage 1); gradients are all-reduced by DDP either way",
+    )
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(500, gt=0, description="optimizer steps between checkpoints")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from eagle_online.distributed import full_params
 from eagle_online.recipe import TargetConfig, resolve_asset
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,11 +67,13 @@ class FrozenTarget(nn.Module):
         for i in self.aux_layer_ids:
             layers[i].register_forward_pre_hook(self._capture_hook(i), with_kwargs=True)
         # The draft-vocab rows of lm_head are taken once: the teacher never needs the rest except for
-        # the argmax test, which streams over vocabulary chunks.
-        in_draft = torch.zeros(self.lm_head_weight.shape[0], dtype=torch.bool, device=draft_ids.device)
-        in_draft[draft_ids] = True
+        # the argmax test, which streams over vocabulary chunks. (Gathered whole under ZeRO-3.)
+        with full_params(self.lm_head_weight):
+            in_draft = torch.zeros(self.lm_head_weight.shape[0], dtype=torch.bool, device=draft_ids.device)
+            in_draft[draft_ids] = True
+            lm_head_draft = self.lm_head_weight[draft_ids].detach().clone()
         self.register_buffer("in_draft", in_draft, persistent=False)  # t2d: is a target id a draft token
-        self.register_buffer("lm_head_draft", self.lm_head_weight[draft_ids].detach().clone(), persistent=False)
+        self.register_buffer("lm_head_draft", lm_head_draft, persistent=False)
 
     @property
     def config(self):
@@ -106,6 +109,12 @@ class FrozenTarget(nn.Module):
         )
 
     def _argmax_in_draft(self, last: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Whether the full-vocabulary argmax is a draft token. Under ZeRO-3 lm_head is gathered for the
+        scan: no module call gathers it, since the decoder's forward never touches it."""
+        with full_params(self.lm_head_weight):
+            return self._argmax_scan(last, chunk)
+
+    def _argmax_scan(self, last: torch.Tensor, chunk: int) -> torch.Tensor:
         """Whether the full-vocabulary argmax is a draft token, streaming lm_head in chunks so that
         [tokens × vocab] logits never exist at once."""
         weight = self.lm_head_weight
@@ -120,8 +129,9 @@ class FrozenTarget(nn.Module):
         return self.in_draft[best_id]
 
 
-def load_target_model(cfg: TargetConfig, device: torch.device) -> nn.Module:
-    """Load the target's HF model, frozen, with the KV cache off (packing is ignored with it on, DESIGN §9)."""
+def load_target_model(cfg: TargetConfig, device: torch.device | None) -> nn.Module:
+    """Load the target's HF model, frozen, with the KV cache off (packing is ignored with it on, DESIGN §9).
+    `device=None` leaves it where loading put it (ZeRO-3 partitions are already on this rank's device)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -131,7 +141,9 @@ def load_target_model(cfg: TargetConfig, device: torch.device) -> nn.Module:
         trust_remote_code=cfg.trust_remote_code,
         use_cache=False,
     )
-    return model.to(device).eval().requires_grad_(False)
+    if device is not None:
+        model = model.to(device)
+    return model.eval().requires_grad_(False)
 
 
 def load_tokenizer(cfg: TargetConfig):

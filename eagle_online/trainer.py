@@ -15,7 +15,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from eagle_online.data import format_stats, prepare_data
@@ -28,13 +27,14 @@ from eagle_online.data.vocab import (
     save_draft_vocab,
     vocab_coverage,
 )
+from eagle_online.distributed import full_shape, gathered_copy, setup_distributed
 from eagle_online.export import checkpoint_names
 from eagle_online.heads import head_class
 from eagle_online.heads.eagle3 import eagle3_config
 from eagle_online.losses import expected_acceptance_length
-from eagle_online.metrics import trackers, truncate_metrics
+from eagle_online.metrics import truncate_metrics
 from eagle_online.recipe import Recipe
-from eagle_online.target import FrozenTarget, decoder_layers, load_target_model, load_tokenizer
+from eagle_online.target import FrozenTarget, decoder_layers, load_tokenizer
 
 CHECKPOINT_PREFIX = "step_"
 
@@ -69,6 +69,17 @@ def _with_tau_hat(metrics: dict[str, float]) -> dict[str, float]:
     return metrics
 
 
+def rank_batch_indices(index: int, *, rank: int, world: int, accumulation: int) -> list[int]:
+    """Which of an epoch's packed micro-batches `rank` reads at the epoch's `index`-th optimizer step.
+
+    Step `index` consumes the `accumulation · world` consecutive micro-batches from
+    `index · accumulation · world` on; rank r reads every world-th of them, from r. So ranks never
+    overlap, every rank reads `accumulation` of them, and one process accumulating A·W micro-batches
+    reads exactly the global batch that W ranks accumulating A read."""
+    first = index * accumulation
+    return [(first + m) * world + rank for m in range(accumulation)]
+
+
 class _Interrupt:
     """Turns SIGINT/SIGTERM into a flag, so the loop finishes its step and saves before exiting."""
 
@@ -97,13 +108,8 @@ class Trainer:
     def setup(self) -> None:
         """Build everything: accelerator, tokenizer, data, draft vocab, target, head, optimizer."""
         r = self.recipe
-        mixed = r.training.mixed_precision
-        if mixed == "auto":
-            mixed = "bf16" if torch.cuda.is_available() else "no"
-        self.accelerator = Accelerator(
-            mixed_precision=mixed, log_with=trackers(self.run_dir), project_dir=str(self.run_dir)
-        )
-        acc = self.accelerator
+        self.dist = setup_distributed(recipe=r, run_dir=self.run_dir)  # the order: see distributed.py
+        self.accelerator = acc = self.dist.accelerator
         set_seed(r.run.seed)
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,8 +118,8 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(r.target)
         self.data = prepare_data(r.data, self.tokenizer)  # raises DataError when nothing is usable
-        model = load_target_model(r.target, acc.device)
-        vocab_size = model.get_output_embeddings().weight.shape[0]
+        model = self.dist.load_target(r.target)  # partitioned across ranks with target.sharding=zero3
+        vocab_size = full_shape(model.get_output_embeddings().weight)[0]
         d2t, t2d = self._draft_vocab(vocab_size)
         draft_ids = torch.arange(len(d2t)) + d2t
         self.target = FrozenTarget(model, r.target.aux_layer_ids, draft_ids.to(acc.device))
@@ -122,7 +128,7 @@ class Trainer:
         config.vocab_size = vocab_size
         head = head_class(r.draft.architecture)(config)
         head.init_from_target(
-            self.target.embed_weight.float().cpu(),
+            gathered_copy(self.target.embed_weight).float(),
             self.target.lm_head_draft.float().cpu() if r.draft.init_lm_head_from_target else None,
             d2t,
             t2d,
@@ -135,7 +141,7 @@ class Trainer:
             print(format_stats(self.data.stats), flush=True)
 
         t = r.training
-        optimizer = torch.optim.AdamW(
+        optimizer = self.dist.make_optimizer(
             head.trainable_parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
         )
         self.world = acc.num_processes
@@ -151,7 +157,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, self.total_steps, warmup, t.schedule)
         )
-        self.head, self.optimizer = acc.prepare(head, optimizer)
+        self.head, self.optimizer = self.dist.prepare_head(head, optimizer)
         self.scheduler = scheduler  # stepped by us once per optimizer step, whatever the world size
         acc.register_for_checkpointing(self.scheduler)
         acc.init_trackers("tensorboard", config=_flat(r.model_dump(mode="json")))
@@ -192,12 +198,15 @@ class Trainer:
         resumed run reads exactly what the uninterrupted one would have. Every rank gets the same
         number (the epoch's tail that does not divide evenly is dropped), so every rank runs the
         target the same number of times."""
-        ga = self.recipe.training.gradient_accumulation_steps
         epoch, index = divmod(step, self.steps_per_epoch)
         batches = self._epoch_micro_batches(epoch)
-        rank = self.accelerator.process_index
-        first = index * ga
-        return [batches[(first + m) * self.world + rank] for m in range(ga)]
+        # steps_per_epoch is counted on epoch 0; another epoch's shuffle can pack into a row or two fewer.
+        # Wrapping around re-reads those few rows rather than failing on one rank only, which would leave
+        # the others waiting in a ZeRO-3 all-gather.
+        return [batches[i % len(batches)] for i in rank_batch_indices(
+            index, rank=self.accelerator.process_index, world=self.world,
+            accumulation=self.recipe.training.gradient_accumulation_steps,
+        )]
 
     # ------------------------------------------------------------------------------------ loop
     def train_step(self, batches: list[PackedBatch]) -> dict[str, float]:
@@ -280,9 +289,10 @@ class Trainer:
                 bar.close()
                 if acc.is_main_process:
                     print(f"interrupted: checkpoint saved at step {self.step}; run again to resume", flush=True)
+                self.dist.close()  # every rank agreed to stop here, so the barrier inside is safe
                 raise KeyboardInterrupt
         bar.close()
-        acc.end_training()
+        self.dist.close()
         return last
 
     def _interrupt_requested(self) -> bool:

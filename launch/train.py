@@ -2,6 +2,9 @@
 
     accelerate launch launch/train.py --recipe llama3_eagle3 [key=value ...]
     python launch/train.py --recipe tiny_eagle3 training.max_steps=50
+    python launch/train.py --plan --recipe llama3_70b_eagle3     # memory and traffic on paper, no training
+
+Any launcher works (accelerate launch, torchrun, deepspeed, srun via launch/slurm_train.sh): see README.
 
 `--recipe` takes a name in recipes/ or a path; `key=value` overrides any recipe field
 (`training.lr=1e-4`, `data.sources.0.max_rows=100`). Interrupt with Ctrl-C or SIGTERM: the
@@ -11,7 +14,9 @@ import argparse
 import sys
 
 from eagle_online.data.sources import DataError
+from eagle_online.distributed import DistributedError, exit_process
 from eagle_online.export import ExportError, export_run
+from eagle_online.plan import format_plan, target_shapes
 from eagle_online.recipe import RecipeError, load_recipe
 from eagle_online.trainer import Trainer
 
@@ -19,17 +24,26 @@ from eagle_online.trainer import Trainer
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="recipe name (recipes/NAME.yaml) or path")
+    parser.add_argument("--plan", action="store_true",
+                        help="print per-GPU memory and all-gather traffic for the recipe, then exit (no training)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.plan:
+            try:
+                print(format_plan(recipe, *target_shapes(recipe.target.model)))
+            except ValueError as e:  # no shapes for this target without a download
+                raise RecipeError(str(e)) from None
+            return 0
         trainer = Trainer(recipe)
         trainer.setup()
         trainer.train()
         if recipe.training.export_at_end and trainer.accelerator.is_main_process:
             out = export_run(recipe.run.output_dir)
             print(f"exported the draft head to {out}")
-    except (RecipeError, DataError, ExportError) as e:
+    except (RecipeError, DataError, ExportError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -38,4 +52,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
