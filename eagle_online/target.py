@@ -39,11 +39,17 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @dataclass
-class TargetOutput:
-    """What one frozen target forward gives the head."""
+class TargetFeatures:
+    """What the target's layers give: the aux features and the final hidden state."""
 
     aux_hidden: torch.Tensor  # [B, T, 3·H_target] low‖mid‖high, the target's dtype
     last_hidden: torch.Tensor  # [B, T, H_target] final post-norm hidden state
+
+
+@dataclass
+class TargetOutput(TargetFeatures):
+    """What one frozen target forward gives the head: its features and the teacher."""
+
     teacher_logits: torch.Tensor  # [B, T, draft_vocab] fp32, target logits restricted to the draft vocab
     teacher_in_draft: torch.Tensor  # [B, T] bool: the full-vocabulary argmax lies in the draft vocab
 
@@ -93,15 +99,25 @@ class FrozenTarget(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, vocab_chunk: int = 16384) -> TargetOutput:
         """Run the target once over a packed row (position_ids restart per conversation)."""
+        return self.teacher(self.features(input_ids, position_ids), vocab_chunk)
+
+    @torch.no_grad()
+    def features(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> TargetFeatures:
+        """The decoder's forward: aux features (captured by the hooks) and the final hidden state."""
         self._captured.clear()
         base = self.model.get_decoder()
         last = base(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         aux = torch.cat([self._captured.pop(i) for i in self.aux_layer_ids], dim=-1)
-        teacher_logits = (last @ self.lm_head_draft.T).float()
+        return TargetFeatures(aux_hidden=aux, last_hidden=last)
+
+    @torch.no_grad()
+    def teacher(self, features: TargetFeatures, vocab_chunk: int = 16384) -> TargetOutput:
+        """The teacher over the draft vocab, and whether each full-vocabulary argmax is a draft token."""
+        last = features.last_hidden
         return TargetOutput(
-            aux_hidden=aux,
+            aux_hidden=features.aux_hidden,
             last_hidden=last,
-            teacher_logits=teacher_logits,
+            teacher_logits=(last @ self.lm_head_draft.T).float(),
             teacher_in_draft=self._argmax_in_draft(last, vocab_chunk),
         )
 
