@@ -84,7 +84,7 @@ def add_arguments(parser) -> None:
                         help="the recipe's data (default with --target recipe) or synthetic conversations")
     parser.add_argument("--steps", type=int, default=5, help="timed steps, for each of whole and split")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--repeats", type=int, default=None, help="runs of each phase alone (default: --steps)")
+    parser.add_argument("--repeats", type=int, default=1, help="passes over the timed steps running each phase alone")
     parser.add_argument("--out", default=None, help="write the results here as JSON")
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides")
 
@@ -137,17 +137,15 @@ def synthetic_data(vocab_size: int, tokens: int, max_length: int, seed: int = 0)
 
 
 class _Bench:
-    """A set-up trainer and the step cursor: runs steps exactly as `Trainer.train` does."""
+    """A set-up trainer: runs step i exactly as `Trainer.train` does, and each of its phases alone."""
 
     def __init__(self, trainer):
         self.trainer = trainer
         self.device = trainer.accelerator.device
-        self.next_step = 0
 
-    def step(self, timer: StepTimer) -> dict[str, float]:
+    def step(self, index: int, timer: StepTimer) -> dict[str, float]:
         with timer.phase("data"):
-            batches = self.trainer._micro_batches(self.next_step)
-        self.next_step += 1
+            batches = self.trainer._micro_batches(index)
         return self.trainer.train_step(batches, timer)
 
     def timed(self, fn, *args) -> float:
@@ -158,14 +156,11 @@ class _Bench:
         synchronize(self.device)
         return time.perf_counter() - start
 
-    def phases_alone(self, repeats: int) -> dict[str, float]:
-        """Seconds per step of each phase run by itself (mean of `repeats`), on the next step's micro-batches."""
+    def phases_alone(self, index: int) -> dict[str, float]:
+        """Seconds of each phase of step `index` run by itself, every micro-batch of the step."""
         tr, acc = self.trainer, self.trainer.accelerator
-        index = self.next_step
         batches = [tr._to_device(b) for b in tr._micro_batches(index)]
         ga = len(batches)
-        features = [tr.target.features(b.input_ids, b.position_ids) for b in batches]
-        outs = [tr.target.teacher(f) for f in features]
 
         def data():
             return [tr._to_device(b) for b in tr._micro_batches(index)]
@@ -174,16 +169,18 @@ class _Bench:
             acc.backward(res.loss / ga)
 
         seconds = {name: 0.0 for name in PHASES}
-        for _ in range(repeats):
-            seconds["data"] += self.timed(data)
-            for b, f, out in zip(batches, features, outs):
-                seconds["target"] += self.timed(tr.target.features, b.input_ids, b.position_ids)
-                seconds["teacher"] += self.timed(tr.target.teacher, f)
-                with acc.autocast():
-                    seconds["head_forward"] += self.timed(tr._head_forward, out, b)
-                    seconds["head_backward"] += self.timed(backward, tr._head_forward(out, b))
-            seconds["optimizer"] += self.timed(tr._optimizer_step)
-        return {k: v / repeats for k, v in seconds.items()}
+        seconds["data"] = self.timed(data)
+        for b in batches:
+            features = tr.target.features(b.input_ids, b.position_ids)
+            seconds["target"] += self.timed(tr.target.features, b.input_ids, b.position_ids)
+            out = tr.target.teacher(features)
+            seconds["teacher"] += self.timed(tr.target.teacher, features)
+            with acc.autocast():
+                seconds["head_forward"] += self.timed(tr._head_forward, out, b)
+                seconds["head_backward"] += self.timed(backward, tr._head_forward(out, b))
+            del features, out
+        seconds["optimizer"] = self.timed(tr._optimizer_step)
+        return seconds
 
 
 def _bench_recipe(args, output_dir: str) -> Recipe:
@@ -203,9 +200,9 @@ def run(args) -> dict:
     from eagle_online.trainer import Trainer
 
     torch.set_flush_denormal(True)  # trained CPU models otherwise run ~2x slower (DESIGN §10)
-    if args.steps < 1 or args.warmup < 0:
-        raise ValueError("--steps must be >= 1 and --warmup >= 0")
-    repeats = args.repeats or args.steps
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        raise ValueError("--steps and --repeats must be >= 1, --warmup >= 0")
+    repeats = args.repeats
     data_kind = args.data or ("recipe" if args.target == "recipe" else "synthetic")
     if args.target != "recipe" and data_kind == "recipe":
         raise ValueError("a preset target has no tokenizer: use --data synthetic")
@@ -220,31 +217,37 @@ def run(args) -> dict:
         if data_kind == "synthetic":
             vocab = (model.config.vocab_size if model is not None else _recipe_vocab_size(recipe))
             micro = recipe.training.gradient_accumulation_steps
-            need = (args.warmup + 2 * args.steps + 2) * micro * recipe.data.tokens_per_batch
+            need = (args.warmup + args.steps + 1) * micro * recipe.data.tokens_per_batch
             data = synthetic_data(vocab, int(need * 1.25), recipe.data.max_length, recipe.run.seed)
         trainer.setup(target_model=model, data=data)
         if model is not None:
             with torch.no_grad():
                 trainer.target.lm_head_weight[~trainer.target.in_draft] = 0
         bench = _Bench(trainer)
-        for _ in range(args.warmup):
-            bench.step(StepTimer())
-
+        for index in range(args.warmup):
+            bench.step(index, StepTimer())
+        # The same steps (the same micro-batches) are run whole, split and phase by phase.
+        window = range(args.warmup, args.warmup + args.steps)
         reset_peak_memory(device)
         whole, tokens = [], []
-        for _ in range(args.steps):
+        for index in window:
             metrics = {}
-            whole.append(bench.timed(lambda: metrics.update(bench.step(StepTimer()))))  # noqa: B023
+            whole.append(bench.timed(lambda: metrics.update(bench.step(index, StepTimer()))))  # noqa: B023
             tokens.append(metrics["tokens"])
         peak = peak_memory_bytes(device)
 
         split_steps, split_phases = [], {name: [] for name in PHASES}
-        for _ in range(args.steps):
+        for index in window:
             timer = StepTimer(sync=True, device=device)
-            split_steps.append(bench.timed(bench.step, timer))
+            split_steps.append(bench.timed(bench.step, index, timer))
             for name in PHASES:
                 split_phases[name].append(timer.seconds.get(name, 0.0))
-        alone = bench.phases_alone(repeats)
+        alone = {name: [] for name in PHASES}
+        for _ in range(repeats):
+            for index in window:
+                for name, seconds in bench.phases_alone(index).items():
+                    alone[name].append(seconds)
+        alone = {name: statistics.fmean(v) for name, v in alone.items()}
         result = _result(args, recipe, trainer, device, data_kind, whole, tokens, split_steps, split_phases,
                          alone, peak, repeats)
         trainer.accelerator.end_training()
