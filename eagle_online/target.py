@@ -50,7 +50,10 @@ class TargetFeatures:
 class TargetOutput(TargetFeatures):
     """What one frozen target forward gives the head: its features and the teacher."""
 
-    teacher_logits: torch.Tensor  # [B, T, draft_vocab] fp32, target logits restricted to the draft vocab
+    # [B, T, draft_vocab] target logits restricted to the draft vocab, in the target's dtype: in bf16 the
+    # matmul's output is rounded to bf16 anyway, so an fp32 copy would double the bytes (2 GB at 16k
+    # tokens × 32k) for no precision; the loss reads them in fp32 a chunk of rows at a time.
+    teacher_logits: torch.Tensor
     teacher_in_draft: torch.Tensor  # [B, T] bool: the full-vocabulary argmax lies in the draft vocab
 
 
@@ -117,7 +120,7 @@ class FrozenTarget(nn.Module):
         return TargetOutput(
             aux_hidden=features.aux_hidden,
             last_hidden=last,
-            teacher_logits=(last @ self.lm_head_draft.T).float(),
+            teacher_logits=last @ self.lm_head_draft.T,
             teacher_in_draft=self._argmax_in_draft(last, vocab_chunk),
         )
 

@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-from eagle_online.losses import StepMetrics, accuracy, soft_cross_entropy
+from eagle_online.losses import StepMetrics, TeacherTargets, linear_soft_cross_entropy
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 
@@ -227,13 +227,14 @@ class Eagle3Head(nn.Module):
         x_{t+1+k} at RoPE position pos_t + k and predicts x_{t+2+k} against the teacher at t+1+k.
         A prediction counts when x_{t+2+k} is trained (loss_mask), lies in t's conversation, and
         the teacher's full-vocabulary argmax is a draft token; logits are computed for those
-        positions only.
+        positions only, a chunk of them at a time, inside the loss (no [positions × vocab] logits
+        are kept for backward, and the teacher stays in its own dtype).
         loss = Σ_k decay^k · softCE_k.
         """
         b, t = input_ids.shape
         layout = DocumentLayout.from_position_ids(position_ids)
         docs = layout.doc
-        teacher_probs = teacher_logits.reshape(b * t, -1).float().softmax(-1)
+        teacher = TeacherTargets.from_logits(teacher_logits.reshape(b * t, -1))
         hidden = self.fc(aux_hidden.to(self.fc.weight.dtype))
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         loss = hidden.new_zeros((), dtype=torch.float32)
@@ -246,12 +247,11 @@ class Eagle3Head(nn.Module):
                 & shift_left(teacher_in_draft, 1 + k, fill=False)
             )
             rows = valid.reshape(-1).nonzero().squeeze(1)  # t+2+k stays in the row, so rows+1+k does too
-            logits = self.logits(hidden.reshape(b * t, -1)[rows])
-            targets = teacher_probs[rows + 1 + k]
-            step_loss = soft_cross_entropy(logits, targets)
-            loss = loss + (loss_decay**k) * step_loss
-            losses.append(step_loss.detach())
-            accs.append(accuracy(logits.detach(), targets))
+            normed = self.norm(hidden.reshape(b * t, -1)[rows])
+            step = linear_soft_cross_entropy(normed, self.lm_head.weight, teacher, rows + 1 + k)
+            loss = loss + (loss_decay**k) * step.loss
+            losses.append(step.loss.detach())
+            accs.append(step.accuracy)
             counts.append(len(rows))
         return Eagle3Output(loss=loss, metrics=StepMetrics(losses, accs, counts))
 
