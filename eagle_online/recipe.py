@@ -39,7 +39,9 @@ class TargetConfig(_Section):
     aux_layer_ids: list[int] | None = Field(
         default=None, description="residual streams entering these layers (HF hidden_states[i]); default [2, N//2, N-3]"
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="auto: flash_attention_2 when flash-attn is installed on a GPU, else varlen "
+        "(mask-free attention per packed conversation); sdpa builds a [T × T] mask from position_ids")
     trust_remote_code: bool = False
 
     @field_validator("aux_layer_ids")

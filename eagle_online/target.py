@@ -7,11 +7,13 @@ computed over the draft vocabulary rows of lm_head only.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from eagle_online.attention import VARLEN, DocumentLayout, register_varlen_attention
 from eagle_online.recipe import TargetConfig, resolve_asset
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,6 +29,27 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     return _DTYPES[name]
+
+
+def resolve_attn_implementation(name: str, device: torch.device, config=None) -> str:
+    """The attention a target runs on packed rows. `auto`: flash-attn's varlen kernels when the
+    flash-attn package is installed on a GPU, else our mask-free `varlen` (torch's own flash varlen
+    kernel on CUDA, a causal kernel over conversations regrouped one per row on CPU); sdpa for a
+    sliding-window model, which `varlen` does not implement. `varlen` is registered with
+    transformers when chosen."""
+    if name == "auto":
+        text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+        sliding = text is not None and (
+            (getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True))
+            or "sliding_attention" in (getattr(text, "layer_types", None) or [])
+        )
+        if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+            name = "flash_attention_2"
+        else:
+            name = "sdpa" if sliding else VARLEN
+    if name == VARLEN:
+        register_varlen_attention()
+    return name
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -109,7 +132,8 @@ class FrozenTarget(nn.Module):
         """The decoder's forward: aux features (captured by the hooks) and the final hidden state."""
         self._captured.clear()
         base = self.model.get_decoder()
-        last = base(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        last = base(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                    **self._packing_kwargs(position_ids)).last_hidden_state
         aux = torch.cat([self._captured.pop(i) for i in self.aux_layer_ids], dim=-1)
         return TargetFeatures(aux_hidden=aux, last_hidden=last)
 
@@ -123,6 +147,19 @@ class FrozenTarget(nn.Module):
             teacher_logits=last @ self.lm_head_draft.T,
             teacher_in_draft=self._argmax_in_draft(last, vocab_chunk),
         )
+
+    def _packing_kwargs(self, position_ids: torch.Tensor) -> dict:
+        """Conversation boundaries computed once per forward for the varlen kernels (flash-attn's read
+        cu_seq_lens/max_length, ours the layout), instead of from position_ids in every layer."""
+        impl = getattr(self.config, "_attn_implementation", None)
+        if impl != VARLEN and not str(impl).startswith("flash_attention"):
+            return {}
+        layout = DocumentLayout.from_position_ids(position_ids)
+        kwargs = dict(cu_seq_lens_q=layout.cu_seqlens, cu_seq_lens_k=layout.cu_seqlens,
+                      max_length_q=layout.max_len, max_length_k=layout.max_len)
+        if impl == VARLEN:
+            kwargs["document_layout"] = layout
+        return kwargs
 
     def _argmax_in_draft(self, last: torch.Tensor, chunk: int) -> torch.Tensor:
         """Whether the full-vocabulary argmax is a draft token, streaming lm_head in chunks so that
@@ -141,12 +178,14 @@ class FrozenTarget(nn.Module):
 
 def load_target_model(cfg: TargetConfig, device: torch.device) -> nn.Module:
     """Load the target's HF model, frozen, with the KV cache off (packing is ignored with it on, DESIGN §9)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    path = resolve_asset(cfg.model)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_asset(cfg.model),
+        path,
         dtype=resolve_dtype(cfg.dtype, device),
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device, config),
         trust_remote_code=cfg.trust_remote_code,
         use_cache=False,
     )

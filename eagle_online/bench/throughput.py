@@ -111,12 +111,15 @@ def build_preset(name: str, layers: int | None, dtype: torch.dtype, device: torc
     """A random-weight causal LM of a preset's architecture, built directly on `device`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from eagle_online.target import resolve_attn_implementation
+
     kwargs = dict(PRESETS[name])
     if layers is not None:
         kwargs["num_hidden_layers"] = layers
     config = AutoConfig.for_model(kwargs.pop("model_type"), tie_word_embeddings=False, use_cache=False, **kwargs)
+    attn = resolve_attn_implementation(attn_implementation, device, config)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     return model.eval().requires_grad_(False)
 
 

@@ -18,6 +18,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
+from eagle_online.attention import DocumentLayout, causal_plus_diagonal_attention
 from eagle_online.losses import StepMetrics, TeacherTargets, linear_soft_cross_entropy
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -62,47 +63,16 @@ def shift_left(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
     return torch.cat([x[:, n:], pad], dim=1)
 
 
-@dataclass
-class DocumentLayout:
-    """Packed tokens regrouped one conversation per row, so attention costs Σ len² instead of T².
-
-    `doc` [B, T] numbers each token's conversation; `gather` [D, L] indexes the flat B·T tokens
-    (padding points at token 0 and is masked by `valid`); `scatter` [B·T] indexes the flat D·L
-    padded grid back to token order.
-    """
-
-    doc: torch.Tensor
-    gather: torch.Tensor
-    valid: torch.Tensor
-    scatter: torch.Tensor
-
-    @classmethod
-    def from_position_ids(cls, position_ids: torch.Tensor) -> DocumentLayout:
-        flat = position_ids.reshape(-1)
-        starts = flat == 0
-        starts[:: position_ids.shape[1]] = True  # a row always starts a conversation
-        doc = torch.cumsum(starts.long(), 0) - 1
-        start_of = torch.nonzero(starts).squeeze(1)
-        offset = torch.arange(flat.numel(), device=flat.device) - start_of[doc]
-        lengths = torch.bincount(doc)
-        n_docs, longest = len(lengths), int(lengths.max())
-        gather = torch.zeros(n_docs, longest, dtype=torch.long, device=flat.device)
-        gather[doc, offset] = torch.arange(flat.numel(), device=flat.device)
-        valid = torch.arange(longest, device=flat.device)[None, :] < lengths[:, None]
-        return cls(doc=doc.view_as(position_ids), gather=gather, valid=valid, scatter=doc * longest + offset)
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """[B·T, ...] in token order → [D, L, ...] one conversation per row."""
-        return x[self.gather]
-
-    def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """[D, L, ...] → [B·T, ...] in token order."""
-        return x.reshape(-1, *x.shape[2:])[self.scatter]
-
-
 class TTTAttention(nn.Module):
     """Attention over 2H-wide inputs with the TTT pattern: causal (within a conversation) over the
-    step-0 keys, plus the keys each later step wrote at the query's own position."""
+    step-0 keys, plus the keys each later step wrote at the query's own position.
+
+    No [T × T] mask or score matrix is built per step: the step-0 part runs through a varlen /
+    flash kernel (eagle_online.attention) and the diagonal keys join its softmax through the
+    log-sum-exp, with gradients through both. `kernel` forces one (None: the best for the device).
+    """
+
+    kernel: str | None = None
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -116,38 +86,17 @@ class TTTAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
 
     def forward(self, x, cos, sin, cache: list[tuple[torch.Tensor, torch.Tensor]], layout: DocumentLayout):
-        """x [B, T, 2H]. `cache` holds earlier steps' keys and values: step 0's padded per
-        conversation [D, heads, L, d], later steps' flat [B·T, heads, d]; this step's are appended."""
+        """x [B, T, 2H]. `cache` holds earlier steps' keys and values, token-major [B·T, kv_heads, d];
+        this step's are appended."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        groups = self.num_heads // self.num_kv_heads
-        # Token-major flat views [B·T, heads, d], keys and values expanded to all query heads.
-        q = q.transpose(1, 2).reshape(b * t, self.num_heads, self.head_dim)
-        k = k.transpose(1, 2).reshape(b * t, self.num_kv_heads, self.head_dim).repeat_interleave(groups, dim=1)
-        v = v.transpose(1, 2).reshape(b * t, self.num_kv_heads, self.head_dim).repeat_interleave(groups, dim=1)
-        if not cache:
-            cache.append((layout.pad(k).transpose(1, 2), layout.pad(v).transpose(1, 2)))
-        else:
-            cache.append((k, v))
-        scale = 1.0 / math.sqrt(self.head_dim)
-        qp = layout.pad(q).transpose(1, 2)  # [D, heads, L, d]
-        k0, v0 = cache[0]
-        # Against step 0's keys: causal inside each conversation. Against steps 1..k: one key per
-        # query (the diagonal), so a dot product per position.
-        scores0 = (qp @ k0.transpose(-1, -2)) * scale
-        length = qp.shape[2]
-        allowed = torch.ones(length, length, dtype=torch.bool, device=x.device).tril() & layout.valid[:, None, None, :]
-        scores0 = scores0.masked_fill(~allowed, torch.finfo(scores0.dtype).min)
-        diag = [layout.pad((q * kk).sum(-1) * scale).transpose(1, 2)[..., None] for kk, _ in cache[1:]]
-        scores = torch.cat([scores0, *diag], dim=-1)
-        probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
-        out = probs[..., :length] @ v0
-        for j, (_, vv) in enumerate(cache[1:]):
-            out = out + probs[..., length + j : length + j + 1] * layout.pad(vv).transpose(1, 2)
-        out = layout.unpad(out.transpose(1, 2))  # [B·T, heads, d]
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        q, k = q.to(v.dtype).reshape(b * t, self.num_heads, self.head_dim), k.to(v.dtype).flatten(0, 1)
+        cache.append((k, v.flatten(0, 1)))
+        out = causal_plus_diagonal_attention(q, [kk for kk, _ in cache], [vv for _, vv in cache], layout,
+                                             1.0 / math.sqrt(self.head_dim), self.kernel)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
 
