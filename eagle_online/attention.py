@@ -256,6 +256,7 @@ class _CausalPlusDiagonal(torch.autograd.Function):
         return (None, None, None, dq, dk0, dv0, *dks, *dvs)
 
 
+@torch.compiler.disable  # a compiled head runs the kernels as they are (their layouts are data-dependent)
 def causal_plus_diagonal_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
                                    layout: DocumentLayout, scale: float, kernel: str | None = None) -> torch.Tensor:
     """Attention of q [N, H, d] over keys[0]/values[0] [N, kv_heads, d] causally inside each conversation,

@@ -60,6 +60,8 @@ class DraftConfig(_Section):
     ttt_length: int = Field(7, ge=1, description="training-time-test unroll steps")
     loss_decay: float = Field(0.8, gt=0, le=1, description="step k's loss is weighted decay**k")
     init_lm_head_from_target: bool = True
+    compile: bool = Field(False, description="torch.compile the head's decoder layer (worth it on GPU; minutes of "
+                          "compilation on CPU)")
 
 
 class DataSource(_Section):

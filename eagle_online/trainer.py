@@ -126,6 +126,8 @@ class Trainer:
             d2t,
             t2d,
         )
+        if r.draft.compile:
+            head.compile_layer()
         if acc.is_main_process:
             config.to_json_file(self.run_dir / "draft_config.json")
             info = {"aux_layer_ids": self.target.aux_layer_ids, "target_num_layers": len(decoder_layers(model))}

@@ -31,6 +31,8 @@ def _check(result: dict, steps: int) -> None:
     assert math.isclose(result["pipeline_overhead"], result["step_s"] / result["sum_phases_alone_s"] - 1,
                         rel_tol=1e-9)
     assert result["peak_memory_bytes"] > 10 * 2**20  # at least the model and the interpreter
+    # The head keeps at least its input features and one step's attention output per token.
+    assert result["head_saved_bytes"] > 0 and result["head_saved_bytes_per_token"] > result["config"]["target_hidden"]
 
 
 def test_throughput_on_the_tiny_recipe(tmp_path):

@@ -291,3 +291,28 @@ def test_document_layout_regroups_and_restores_tokens():
     padded = layout.pad(tokens)
     assert padded[layout.valid].tolist() == list(range(12))
     assert torch.equal(layout.unpad(padded), tokens)
+
+
+def test_compiled_layer_gives_the_same_loss_gradients_and_names():
+    """`draft.compile`: the decoder layer compiled in place (AOTAutograd; inductor's code generation
+    is skipped to keep CI fast) trains exactly as the eager one and keeps the export's tensor names."""
+    head, b = _head_and_batch((30, 12, 21))
+    names = list(head.state_dict())
+    ref = head(**b, ttt_length=3)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}
+    head.zero_grad()
+    head.compile_layer(backend="aot_eager")
+    try:
+        for lengths in ((30, 12, 21), (17, 25)):  # a second packed shape reuses the dynamic graph
+            _, batch = _head_and_batch(lengths)
+            out = head(**batch, ttt_length=3)
+            if lengths == (30, 12, 21):
+                out.loss.backward()
+                torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+                for name, p in head.named_parameters():
+                    if name in ref_grads:
+                        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+        assert list(head.state_dict()) == names
+    finally:
+        torch._dynamo.reset()

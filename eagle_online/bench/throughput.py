@@ -159,6 +159,30 @@ class _Bench:
         synchronize(self.device)
         return time.perf_counter() - start
 
+    def head_saved_bytes(self, index: int) -> int:
+        """Bytes of activations the head's forward keeps for backward on step `index`'s first micro-batch:
+        every tensor autograd saves, each storage counted once, parameters and the target's outputs
+        (which the step holds anyway) excluded. Exact and device-independent, so it scales to shapes
+        this machine cannot run."""
+        tr, acc = self.trainer, self.trainer.accelerator
+        batch = tr._to_device(tr._micro_batches(index)[0])
+        out = tr.target(batch.input_ids, batch.position_ids)
+        held = {t.untyped_storage().data_ptr() for t in tr.head.parameters()}
+        held |= {t.untyped_storage().data_ptr() for t in tr.head.buffers()}
+        held |= {t.untyped_storage().data_ptr() for t in vars(out).values()}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in held:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with acc.autocast(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            res = tr._head_forward(out, batch)
+        del res
+        return sum(seen.values())
+
     def phases_alone(self, index: int) -> dict[str, float]:
         """Seconds of each phase of step `index` run by itself, every micro-batch of the step."""
         tr, acc = self.trainer, self.trainer.accelerator
@@ -251,8 +275,11 @@ def run(args) -> dict:
                 for name, seconds in bench.phases_alone(index).items():
                     alone[name].append(seconds)
         alone = {name: statistics.fmean(v) for name, v in alone.items()}
+        saved = bench.head_saved_bytes(window[0])
         result = _result(args, recipe, trainer, device, data_kind, whole, tokens, split_steps, split_phases,
                          alone, peak, repeats)
+        result["head_saved_bytes"] = saved
+        result["head_saved_bytes_per_token"] = saved / trainer._micro_batches(window[0])[0].num_tokens
         trainer.accelerator.end_training()
     return result
 
@@ -345,7 +372,8 @@ def format_table(r: dict) -> str:
         f"{c['attn_implementation']}) · draft vocab {c['draft_vocab']} · TTT {c['ttt_length']} · "
         f"{r['tokens_per_step']:.0f} tokens/step · {c['device']} ({c['device_name']}, {c['threads']} threads)",
         f"  tokens/s {r['tokens_per_s']:,.0f}   step {r['step_s'] * 1e3:,.1f} ms   "
-        f"peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_kind']})",
+        f"peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_kind']})   "
+        f"head activations {r['head_saved_bytes_per_token'] / 1024:.1f} KiB/token",
         f"  {'phase':<15}{'in step (ms)':>14}{'share':>8}{'alone (ms)':>13}",
     ]
     split = r["split_step_s"]

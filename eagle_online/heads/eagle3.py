@@ -11,14 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import (
-    LlamaMLP,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
-    apply_rotary_pos_emb,
-)
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from eagle_online.attention import DocumentLayout, causal_plus_diagonal_attention
+from eagle_online.heads.rmsnorm import RMSNorm
 from eagle_online.losses import StepMetrics, TeacherTargets, linear_soft_cross_entropy
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -106,10 +102,10 @@ class Eagle3DecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         h = config.hidden_size
-        self.input_layernorm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
-        self.hidden_norm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(h, eps=config.rms_norm_eps)
+        self.hidden_norm = RMSNorm(h, eps=config.rms_norm_eps)
         self.self_attn = TTTAttention(config)
-        self.post_attention_layernorm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(h, eps=config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
     def forward(self, embeds, hidden, cos, sin, cache, layout):
@@ -139,7 +135,7 @@ class Eagle3Head(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)  # a frozen copy of the target's
         self.fc = nn.Linear(3 * target_h, h, bias=False)
         self.midlayer = Eagle3DecoderLayer(config)
-        self.norm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(h, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(h, config.draft_vocab_size, bias=False)
         self.rotary_emb = LlamaRotaryEmbedding(config)
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
@@ -154,6 +150,12 @@ class Eagle3Head(nn.Module):
             self.lm_head.weight.copy_(lm_head_draft)
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
+
+    def compile_layer(self, **kwargs) -> None:
+        """torch.compile the decoder layer in place (parameter names, hence export, unchanged), with
+        dynamic shapes since packed rows vary in length: its norms, rotary, SiLU and residual adds fuse
+        around the matmuls; the attention kernels run as they are. `kwargs` go to torch.compile."""
+        self.midlayer.compile(dynamic=True, **kwargs)
 
     def step(self, hidden, token_ids, position_ids, cache, layout: DocumentLayout) -> torch.Tensor:
         """One draft step's pre-norm output. `hidden` is fc(aux) at step 0 and the previous step's

@@ -1,0 +1,54 @@
+"""The head's RMSNorm against transformers' LlamaRMSNorm: same function, state and gradients,
+keeping less for backward."""
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from eagle_online.heads.rmsnorm import RMSNorm
+
+
+def _saved_bytes(fn):
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+# fp32 inputs agree to summation order; bf16 inputs (under autocast, as in training) to bf16 rounding:
+# both round the normalised input to bf16, LlamaRMSNorm also rounds its input's gradient on the way back.
+@pytest.mark.parametrize("dtype, autocast, tol", [(torch.float32, False, 1e-6), (torch.bfloat16, True, 2e-2)])
+def test_rmsnorm_matches_llama(dtype, autocast, tol):
+    g = torch.Generator().manual_seed(0)
+    ours, theirs = RMSNorm(48, eps=1e-5), LlamaRMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.normal_(generator=g)
+    theirs.load_state_dict(ours.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == ["weight"]
+    x = (3 * torch.randn(2, 33, 48, generator=g)).to(dtype)
+    dy = torch.randn(2, 33, 48, generator=g)
+    results = []
+    for norm in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, saved = _saved_bytes(lambda: norm(xi))  # noqa: B023
+        (y.float() * dy).sum().backward()
+        results.append((y, xi.grad, norm.weight.grad, saved))
+    (y, dx, dw, saved), (ry, rdx, rdw, rsaved) = results
+    assert y.dtype == ry.dtype and dx.dtype == rdx.dtype
+    for a, b in ((y, ry), (dx, rdx), (dw, rdw)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.abs().max().item())
+    assert saved < rsaved  # the input and 1/rms per row, not fp32 copies of the input and its normalisation
+    assert saved <= x.untyped_storage().nbytes() + ours.weight.untyped_storage().nbytes() + 2 * 33 * 4
+
+
+def test_rmsnorm_fp64_gradients():
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    norm = RMSNorm(7).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    assert torch.autograd.gradcheck(norm, (x,))
