@@ -14,7 +14,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from eagle_online.attention import DocumentLayout, causal_plus_diagonal_attention
-from eagle_online.heads.rmsnorm import RMSNorm
+from eagle_online.heads.layers import RMSNorm, SwiGLUMLP
 from eagle_online.losses import StepMetrics, TeacherTargets, linear_soft_cross_entropy
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -106,7 +106,8 @@ class Eagle3DecoderLayer(nn.Module):
         self.hidden_norm = RMSNorm(h, eps=config.rms_norm_eps)
         self.self_attn = TTTAttention(config)
         self.post_attention_layernorm = RMSNorm(h, eps=config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = (SwiGLUMLP(h, config.intermediate_size, config.mlp_bias) if config.hidden_act == "silu"
+                    else LlamaMLP(config))
 
     def forward(self, embeds, hidden, cos, sin, cache, layout):
         residual = hidden  # norm_before_residual = False: the residual is the feature before hidden_norm

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from eagle_online.heads.rmsnorm import RMSNorm
+from eagle_online.heads.layers import RMSNorm
 
 
 def _saved_bytes(fn):
@@ -52,3 +52,35 @@ def test_rmsnorm_fp64_gradients():
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
     assert torch.autograd.gradcheck(norm, (x,))
+
+
+@pytest.mark.parametrize("dtype, autocast, tol", [(torch.float64, False, 1e-12), (torch.float32, False, 1e-5),
+                                                  (torch.float32, True, 2e-2)])
+def test_swiglu_mlp_matches_llama_mlp(dtype, autocast, tol):
+    """Same output and gradients as LlamaMLP (silu); fewer bytes saved for backward."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from eagle_online.heads.layers import SwiGLUMLP
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=24, intermediate_size=56, hidden_act="silu", num_attention_heads=4)
+    theirs = LlamaMLP(config).to(dtype)
+    ours = SwiGLUMLP(24, 56).to(dtype)
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = torch.randn(3, 11, 24, dtype=dtype)
+    dy = torch.randn(3, 11, 24, dtype=dtype)
+    results = []
+    for mlp in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, saved = _saved_bytes(lambda: mlp(xi))  # noqa: B023
+        (y.to(dtype) * dy).sum().backward()
+        results.append((y, xi.grad, *[p.grad for p in mlp.parameters()], saved))
+    *got, saved = results[0]
+    *want, rsaved = results[1]
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+    assert saved < rsaved
