@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eagle_online.precision import accumulation_dtype
+
 try:  # torch >= 2.10 ships flash attention's varlen kernels as custom ops (CUDA only)
     import torch.nn.attention.varlen  # noqa: F401
 
@@ -96,8 +98,8 @@ class DocumentLayout:
 
 # ------------------------------------------------------------------------------------------ kernels
 def _acc(x: torch.Tensor) -> torch.Tensor:
-    """x in the dtype softmax arithmetic runs in: fp32, or fp64 for fp64 inputs."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    """x in the dtype softmax arithmetic runs in."""
+    return x.to(accumulation_dtype(x.dtype))
 
 
 def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -275,7 +277,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     """
     if attention_mask is not None:
         raise ValueError("varlen attention reads conversation boundaries from position_ids, not an attention mask")
-    if getattr(module, "sliding_window", None):
+    if getattr(module, "sliding_window", None) or kwargs.get("sliding_window"):
         raise ValueError("varlen attention has no sliding window: use attn_implementation sdpa or flash_attention_2")
     b, h, t, d = query.shape
     layout, cu = kwargs.get("document_layout"), kwargs.get("cu_seq_lens_q")

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eagle_online.precision import accumulation_dtype, matmul_dtype
+
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
     """Mean over rows of −Σ_v p_teacher(v) · log p_student(v), in fp32 ([N, V] each, rows already
@@ -36,10 +38,6 @@ def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
     return chunk_rows or max(1, _CHUNK_ELEMENTS // vocab)
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @dataclass
 class TeacherTargets:
     """The teacher distribution over the draft vocab, kept as logits in their own dtype with each row's
@@ -55,7 +53,7 @@ class TeacherTargets:
     def from_logits(cls, logits: torch.Tensor, chunk_rows: int | None = None) -> TeacherTargets:
         """Per-row log-sum-exp and argmax of [M, V] logits, computed in row chunks."""
         m, v = logits.shape
-        acc = _accumulation_dtype(logits.dtype)
+        acc = accumulation_dtype(logits.dtype)
         lse = torch.empty(m, dtype=acc, device=logits.device)
         argmax = torch.empty(m, dtype=torch.long, device=logits.device)
         step = _chunk_rows(v, chunk_rows)
@@ -81,12 +79,11 @@ class _LinearSoftCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher_logits, teacher_lse, rows, chunk_rows):
-        device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-        with torch.autocast(device_type, enabled=False):
+        dtype = matmul_dtype(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
             n = h.shape[0]
-            acc = _accumulation_dtype(dtype)
+            acc = accumulation_dtype(dtype)
             teacher = TeacherTargets(teacher_logits, teacher_lse, None)
             need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
             total = torch.zeros((), dtype=acc, device=h.device)

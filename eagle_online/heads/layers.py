@@ -15,25 +15,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
+from eagle_online.precision import accumulation_dtype, matmul_dtype
 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
+        # Only linears read the head's norms, and autocast would cast y for each of them (q, k and
+        # v: three saved copies of one input): cast it once here, to the same values.
+        out_dtype = matmul_dtype(x) if torch.is_autocast_enabled(x.device.type) else None
         with torch.autocast(x.device.type, enabled=False):
-            xa = x.to(_acc_dtype(x.dtype))
+            xa = x.to(accumulation_dtype(x.dtype))
             rstd = torch.rsqrt(xa.pow(2).mean(-1, keepdim=True) + eps)
             y = weight * (xa * rstd).to(x.dtype)
+            if out_dtype is not None:
+                y = y.to(out_dtype)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        acc = _acc_dtype(x.dtype)
+        acc = accumulation_dtype(x.dtype)
         xhat = x.to(acc) * rstd
         dy = dy.to(acc)
         dw = None
@@ -46,7 +49,8 @@ class _RMSNorm(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight · (x / rms(x)), computed in fp32 (fp64 for fp64) and cast back to x's dtype before the
-    weight, as LlamaRMSNorm does."""
+    weight, as LlamaRMSNorm does; under autocast the result is in autocast's dtype (what a linear
+    reading it casts it to), not fp32."""
     return _RMSNorm.apply(x, weight, eps)
 
 
@@ -65,15 +69,17 @@ class RMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
+_CHUNK_ELEMENTS = 1 << 26  # per fp32 temporary in SwiGLU's backward (256 MB)
+
+
 class _SwiGLUDown(torch.autograd.Function):
     """down(silu(gate) · up), keeping gate and up but not the [T, intermediate] product, which is
     recomputed in backward (elementwise) instead of being saved twice (by the mul and by down_proj)."""
 
     @staticmethod
     def forward(ctx, gate, up, down_weight):
-        device_type = gate.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else gate.dtype
-        with torch.autocast(device_type, enabled=False):
+        dtype = matmul_dtype(gate)
+        with torch.autocast(gate.device.type, enabled=False):
             w = down_weight.to(dtype)
             h = (torch.nn.functional.silu(gate) * up).to(dtype)
             y = h @ w.T
@@ -85,17 +91,27 @@ class _SwiGLUDown(torch.autograd.Function):
     def backward(ctx, dy):
         gate, up, down_weight = ctx.saved_tensors
         w = down_weight.to(ctx.dtype)
-        dy = dy.to(w.dtype)
-        acc = _acc_dtype(gate.dtype)
-        g = gate.to(acc)
-        s = torch.sigmoid(g)
-        silu = g * s
-        h = (silu * up.to(acc)).to(w.dtype)
-        dw = (dy.reshape(-1, dy.shape[-1]).T @ h.reshape(-1, h.shape[-1])).to(down_weight.dtype)
-        dh = (dy @ w).to(acc)
-        dup = (dh * silu).to(up.dtype)
-        dgate = (dh * up.to(acc) * s * (1 + g * (1 - s))).to(gate.dtype)
-        return dgate, dup, dw
+        width = gate.shape[-1]
+        g_rows, u_rows = gate.reshape(-1, width), up.reshape(-1, width)
+        dy = dy.reshape(-1, dy.shape[-1]).to(w.dtype)
+        # Elementwise work goes a chunk of rows at a time: fp32 [tokens × intermediate] temporaries
+        # would be ~1 GB each at 16k tokens.
+        step = max(1, _CHUNK_ELEMENTS // width)
+        h = torch.empty(g_rows.shape, dtype=w.dtype, device=w.device)
+        for s in range(0, len(h), step):  # the forward's product, recomputed the same way
+            h[s : s + step] = (torch.nn.functional.silu(g_rows[s : s + step]) * u_rows[s : s + step]).to(w.dtype)
+        dw = (dy.T @ h).to(down_weight.dtype)
+        del h
+        dh = dy @ w
+        dgate, dup = torch.empty_like(g_rows), torch.empty_like(u_rows)
+        acc = accumulation_dtype(gate.dtype)
+        for s in range(0, len(dh), step):
+            g = g_rows[s : s + step].to(acc)
+            sig = torch.sigmoid(g)
+            d = dh[s : s + step].to(acc)
+            dup[s : s + step] = d * g * sig
+            dgate[s : s + step] = d * u_rows[s : s + step].to(acc) * sig * (1 + g * (1 - sig))
+        return dgate.view_as(gate), dup.view_as(up), dw
 
 
 class SwiGLUMLP(nn.Module):
