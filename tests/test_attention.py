@@ -1,13 +1,13 @@
 """Mask-free attention over packed conversations (eagle_online.attention): each kernel against
 per-conversation sdpa, and the `varlen` target attention against transformers' own sdpa.
 
-The CUDA varlen kernel is not exercised here (no GPU in CI); it obeys the same contract.
+The CUDA varlen kernel is checked against the math kernel when a CUDA device is present.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
-from eagle_online.attention import KERNELS, DocumentLayout, pick_kernel
+from eagle_online.attention import KERNELS, DocumentLayout, causal_plus_diagonal_attention, pick_kernel
 from eagle_online.target import FrozenTarget, resolve_attn_implementation
 
 _TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -100,3 +100,31 @@ def test_varlen_target_equals_sdpa_target_on_packed_rows(tiny_llama, with_layout
     for name in ("aux_hidden", "last_hidden", "teacher_logits"):
         torch.testing.assert_close(getattr(varlen, name), getattr(sdpa, name), rtol=1e-5, atol=1e-5, msg=name)
     assert torch.equal(varlen.teacher_in_draft, sdpa.teacher_in_draft)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_varlen_matches_math_kernel_with_diagonal_keys():
+    """On a GPU: the TTT attention (step-0 keys through the CUDA varlen kernel, two diagonal steps merged
+    through the log-sum-exp) and its gradients equal the same computed with the explicit math kernel
+    (bf16 inputs, fp32 softmax in both; bf16 tolerance, relative to each tensor's largest entry)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pos = _packed([[50, 3, 77], [130]]).cuda()
+    layout = DocumentLayout.from_position_ids(pos)
+    n, h, kvh, d = pos.numel(), 8, 2, 128
+
+    def inputs():
+        q = torch.randn(n, h, d, device="cuda", generator=g)
+        kv = [torch.randn(n, kvh, d, device="cuda", generator=g) for _ in range(6)]
+        return [x.bfloat16().requires_grad_(True) for x in (q, *kv)]
+
+    base = inputs()
+    dout = torch.randn(n, h, d, device="cuda", generator=g).bfloat16()
+    results = []
+    for kernel in ("cuda_varlen", "math"):
+        xs = [x.detach().clone().requires_grad_(True) for x in base]
+        q, k0, k1, k2, v0, v1, v2 = xs
+        out = causal_plus_diagonal_attention(q, [k0, k1, k2], [v0, v1, v2], layout, d**-0.5, kernel)
+        (out.float() * dout.float()).sum().backward()
+        results.append([out, *[x.grad for x in xs]])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.float().abs().max().item())
