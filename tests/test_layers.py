@@ -19,6 +19,15 @@ def _saved_bytes(fn):
     return out, sum(seen.values())
 
 
+def _run(module, x, dy, autocast):
+    """(output, input grad, parameter grads, bytes saved for backward) of module(x) against dy."""
+    xi = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y, saved = _saved_bytes(lambda: module(xi))
+    (y.to(dy.dtype) * dy).sum().backward()
+    return y, xi.grad, [p.grad for p in module.parameters()], saved
+
+
 # fp32 inputs agree to summation order; bf16 inputs (under autocast, as in training) to bf16 rounding:
 # both round the normalised input to bf16, LlamaRMSNorm also rounds its input's gradient on the way back.
 @pytest.mark.parametrize("dtype, autocast, tol", [(torch.float32, False, 1e-6), (torch.bfloat16, True, 2e-2)])
@@ -31,14 +40,7 @@ def test_rmsnorm_matches_llama(dtype, autocast, tol):
     assert list(ours.state_dict()) == list(theirs.state_dict()) == ["weight"]
     x = (3 * torch.randn(2, 33, 48, generator=g)).to(dtype)
     dy = torch.randn(2, 33, 48, generator=g)
-    results = []
-    for norm in (ours, theirs):
-        xi = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y, saved = _saved_bytes(lambda: norm(xi))  # noqa: B023
-        (y.float() * dy).sum().backward()
-        results.append((y, xi.grad, norm.weight.grad, saved))
-    (y, dx, dw, saved), (ry, rdx, rdw, rsaved) = results
+    (y, dx, (dw,), saved), (ry, rdx, (rdw,), rsaved) = (_run(norm, x, dy, autocast) for norm in (ours, theirs))
     if autocast:  # ours hands the next linear the bf16 it would cast LlamaRMSNorm's fp32 output to
         assert y.dtype == torch.bfloat16 and torch.equal(y, ry.to(torch.bfloat16))
     assert y.dtype == (torch.bfloat16 if autocast else ry.dtype) and dx.dtype == rdx.dtype
@@ -79,16 +81,8 @@ def test_swiglu_mlp_matches_llama_mlp(dtype, autocast, tol, chunked, monkeypatch
     assert list(ours.state_dict()) == list(theirs.state_dict())
     x = torch.randn(3, 11, 24, dtype=dtype)
     dy = torch.randn(3, 11, 24, dtype=dtype)
-    results = []
-    for mlp in (ours, theirs):
-        xi = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y, saved = _saved_bytes(lambda: mlp(xi))  # noqa: B023
-        (y.to(dtype) * dy).sum().backward()
-        results.append((y, xi.grad, *[p.grad for p in mlp.parameters()], saved))
-    *got, saved = results[0]
-    *want, rsaved = results[1]
-    for a, b in zip(got, want):
+    (y, dx, grads, saved), (ry, rdx, rgrads, rsaved) = (_run(mlp, x, dy, autocast) for mlp in (ours, theirs))
+    for a, b in zip([y, dx, *grads], [ry, rdx, *rgrads]):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
     assert saved < rsaved

@@ -37,22 +37,17 @@ from eagle_online.data import PreparedData, TokenizedConversation
 from eagle_online.recipe import Recipe, load_recipe
 from eagle_online.timing import PHASES, StepTimer, peak_memory_bytes, reset_peak_memory, synchronize
 
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LLAMA3 = dict(model_type="llama", num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+               rms_norm_eps=1e-5, rope_parameters=_LLAMA3_ROPE)
+
 # Architectures from their published configs (random weights are built from these, never downloaded).
 PRESETS: dict[str, dict] = {
-    "llama3_8b": dict(
-        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-        rms_norm_eps=1e-5, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                             "original_max_position_embeddings": 8192},
-    ),
-    "llama3_70b": dict(
-        model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-        rms_norm_eps=1e-5, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                             "original_max_position_embeddings": 8192},
-    ),
+    "llama3_8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32),
+    "llama3_70b": dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64),
     "qwen3_8b": dict(
         model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
