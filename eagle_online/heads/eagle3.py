@@ -81,19 +81,27 @@ class TTTAttention(nn.Module):
         self.v_proj = nn.Linear(2 * h, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
 
-    def forward(self, x, cos, sin, cache: list[tuple[torch.Tensor, torch.Tensor]], layout: DocumentLayout):
-        """x [B, T, 2H]. `cache` holds earlier steps' keys and values, token-major [B·T, kv_heads, d];
-        this step's are appended."""
+    def project(self, x, cos, sin):
+        """Queries [B·T, heads, d] and keys and values [B·T, kv_heads, d] of x [B, T, 2H], RoPE applied."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
-        q, k = q.to(v.dtype).reshape(b * t, self.num_heads, self.head_dim), k.to(v.dtype).flatten(0, 1)
-        cache.append((k, v.flatten(0, 1)))
-        out = causal_plus_diagonal_attention(q, [kk for kk, _ in cache], [vv for _, vv in cache], layout,
+        return q.to(v.dtype).flatten(0, 1), k.to(v.dtype).flatten(0, 1), v.flatten(0, 1)
+
+    def attend(self, q, cache: list[tuple[torch.Tensor, torch.Tensor]], layout: DocumentLayout) -> torch.Tensor:
+        """Attention of q over the cached keys in the TTT pattern, [B·T, heads·d] (before o_proj)."""
+        out = causal_plus_diagonal_attention(q, [k for k, _ in cache], [v for _, v in cache], layout,
                                              1.0 / math.sqrt(self.head_dim), self.kernel)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        return out.flatten(1)
+
+    def forward(self, x, cos, sin, cache: list[tuple[torch.Tensor, torch.Tensor]], layout: DocumentLayout):
+        """x [B, T, 2H]. `cache` holds earlier steps' keys and values, token-major [B·T, kv_heads, d];
+        this step's are appended."""
+        q, k, v = self.project(x, cos, sin)
+        cache.append((k, v))
+        return self.o_proj(self.attend(q, cache, layout).view(*x.shape[:-1], -1))
 
 
 class Eagle3DecoderLayer(nn.Module):
@@ -110,9 +118,20 @@ class Eagle3DecoderLayer(nn.Module):
                     else LlamaMLP(config))
 
     def forward(self, embeds, hidden, cos, sin, cache, layout):
-        residual = hidden  # norm_before_residual = False: the residual is the feature before hidden_norm
+        q, k, v = self.qkv(embeds, hidden, cos, sin)
+        cache.append((k, v))
+        return self.finish(hidden, self.self_attn.attend(q, cache, layout).view(*hidden.shape[:-1], -1))
+
+    # The layer around its attention, in two pieces that hold no Python state (no cache list, no
+    # layout), so that torch.compile (Eagle3Head.compile_layer) traces each once for all TTT steps.
+    def qkv(self, embeds, hidden, cos, sin):
+        """Queries, keys and values of cat(input_layernorm(embeds), hidden_norm(hidden))."""
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
-        hidden = residual + self.self_attn(x, cos, sin, cache, layout)
+        return self.self_attn.project(x, cos, sin)
+
+    def finish(self, hidden, attn):
+        """o_proj, the residual (the feature before hidden_norm: norm_before_residual = False), the MLP."""
+        hidden = hidden + self.self_attn.o_proj(attn)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -153,10 +172,13 @@ class Eagle3Head(nn.Module):
         self.t2d.copy_(t2d)
 
     def compile_layer(self, **kwargs) -> None:
-        """torch.compile the decoder layer in place (parameter names, hence export, unchanged), with
-        dynamic shapes since packed rows vary in length: its norms, rotary, SiLU and residual adds fuse
-        around the matmuls; the attention kernels run as they are. `kwargs` go to torch.compile."""
-        self.midlayer.compile(dynamic=True, **kwargs)
+        """torch.compile the decoder layer's two pieces around its attention (parameter names, hence
+        export, unchanged), with dynamic shapes since packed rows vary in length: norms, rotary,
+        SiLU and residual adds fuse around the matmuls; the attention kernels run as they are.
+        `kwargs` go to torch.compile."""
+        layer = self.midlayer
+        layer.qkv = torch.compile(layer.qkv, dynamic=True, **kwargs)
+        layer.finish = torch.compile(layer.finish, dynamic=True, **kwargs)
 
     def step(self, hidden, token_ids, position_ids, cache, layout: DocumentLayout) -> torch.Tensor:
         """One draft step's pre-norm output. `hidden` is fc(aux) at step 0 and the previous step's

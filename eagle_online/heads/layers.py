@@ -95,22 +95,27 @@ class _SwiGLUDown(torch.autograd.Function):
         g_rows, u_rows = gate.reshape(-1, width), up.reshape(-1, width)
         dy = dy.reshape(-1, dy.shape[-1]).to(w.dtype)
         # Elementwise work goes a chunk of rows at a time: fp32 [tokens × intermediate] temporaries
-        # would be ~1 GB each at 16k tokens.
-        step = max(1, _CHUNK_ELEMENTS // width)
+        # would be ~1 GB each at 16k tokens. Compiled, it is one pass: inductor fuses it into kernels
+        # without temporaries, and a loop over a dynamic length would pin the compiled graph's shape.
+        if torch.compiler.is_compiling():
+            chunks = [slice(None)]
+        else:
+            step = max(1, _CHUNK_ELEMENTS // width)
+            chunks = [slice(s, s + step) for s in range(0, len(g_rows), step)]
         h = torch.empty(g_rows.shape, dtype=w.dtype, device=w.device)
-        for s in range(0, len(h), step):  # the forward's product, recomputed the same way
-            h[s : s + step] = (torch.nn.functional.silu(g_rows[s : s + step]) * u_rows[s : s + step]).to(w.dtype)
+        for c in chunks:  # the forward's product, recomputed the same way
+            h[c] = (torch.nn.functional.silu(g_rows[c]) * u_rows[c]).to(w.dtype)
         dw = (dy.T @ h).to(down_weight.dtype)
         del h
         dh = dy @ w
         dgate, dup = torch.empty_like(g_rows), torch.empty_like(u_rows)
         acc = accumulation_dtype(gate.dtype)
-        for s in range(0, len(dh), step):
-            g = g_rows[s : s + step].to(acc)
+        for c in chunks:
+            g = g_rows[c].to(acc)
             sig = torch.sigmoid(g)
-            d = dh[s : s + step].to(acc)
-            dup[s : s + step] = d * g * sig
-            dgate[s : s + step] = d * u_rows[s : s + step].to(acc) * sig * (1 + g * (1 - sig))
+            d = dh[c].to(acc)
+            dup[c] = d * g * sig
+            dgate[c] = d * u_rows[c].to(acc) * sig * (1 + g * (1 - sig))
         return dgate.view_as(gate), dup.view_as(up), dw
 
 
