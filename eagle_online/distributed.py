@@ -221,7 +221,7 @@ class Distributed:
         # later from_pretrained (an evaluation's draft, say) is partitioned by surprise.
         hf_config = HfDeepSpeedConfig(config)
         try:
-            model = load_target_model(cfg, device=None)  # the partitions are already on this rank's device
+            model = load_target_model(cfg, device, move=False)  # the partitions are already on this rank's device
         finally:
             del hf_config
         engine, *_ = deepspeed.initialize(model=model.get_decoder(), config=config)

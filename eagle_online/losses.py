@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eagle_online.precision import accumulation_dtype, matmul_dtype
+
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
     """Mean over rows of −Σ_v p_teacher(v) · log p_student(v), in fp32 ([N, V] each, rows already
@@ -25,6 +27,113 @@ def accuracy(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch
     if student_logits.shape[0] == 0:
         return student_logits.new_zeros((), dtype=torch.float32)
     return (student_logits.argmax(-1) == teacher_probs.argmax(-1)).float().mean()
+
+
+# Rows per chunk of a [rows × vocab] fp32 temporary: 2^26 elements (256 MB), so a 16k-token step with
+# a 32k draft vocab never holds more than a few such chunks at once.
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
+    return chunk_rows or max(1, _CHUNK_ELEMENTS // vocab)
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher distribution over the draft vocab, kept as logits in their own dtype with each row's
+    fp32 log-sum-exp and argmax: probabilities are formed chunk by chunk where they are read, so no
+    fp32 [tokens × vocab] copy exists."""
+
+    logits: torch.Tensor  # [M, V], the target's dtype
+    lse: torch.Tensor  # [M] fp32 (fp64 for fp64 logits)
+    argmax: torch.Tensor  # [M] int64
+
+    @classmethod
+    @torch.no_grad()
+    def from_logits(cls, logits: torch.Tensor, chunk_rows: int | None = None) -> TeacherTargets:
+        """Per-row log-sum-exp and argmax of [M, V] logits, computed in row chunks."""
+        m, v = logits.shape
+        acc = accumulation_dtype(logits.dtype)
+        lse = torch.empty(m, dtype=acc, device=logits.device)
+        argmax = torch.empty(m, dtype=torch.long, device=logits.device)
+        step = _chunk_rows(v, chunk_rows)
+        for s in range(0, m, step):
+            z = logits[s : s + step].to(acc)
+            lse[s : s + step] = torch.logsumexp(z, dim=-1)
+            argmax[s : s + step] = z.argmax(dim=-1)
+        return cls(logits=logits, lse=lse, argmax=argmax)
+
+    def probs(self, rows: torch.Tensor) -> torch.Tensor:
+        """The teacher's probabilities at `rows`, [len(rows), V] in fp32 (fp64 for fp64 logits)."""
+        return torch.exp(self.logits[rows].to(self.lse.dtype) - self.lse[rows, None])
+
+
+class _LinearSoftCrossEntropy(torch.autograd.Function):
+    """soft_cross_entropy(hidden @ weight.T, teacher.probs(rows)), chunk by chunk over the rows.
+
+    The loss is a scalar, so its gradients with respect to hidden and weight are known in the forward
+    pass up to the incoming scale: they are accumulated chunk by chunk there (the logits of one chunk
+    exist at a time) and only scaled in backward. Matmuls run in the autocast dtype when autocast is
+    on (as nn.Linear would), softmax and loss in fp32; the gradients are kept in the matmul dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_logits, teacher_lse, rows, chunk_rows):
+        dtype = matmul_dtype(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            n = h.shape[0]
+            acc = accumulation_dtype(dtype)
+            teacher = TeacherTargets(teacher_logits, teacher_lse, None)
+            need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+            total = torch.zeros((), dtype=acc, device=h.device)
+            argmax = torch.empty(n, dtype=torch.long, device=h.device)
+            dh = torch.empty_like(h) if need_grad else None
+            dw = torch.zeros(w.shape, dtype=acc, device=h.device) if need_grad else None
+            for s in range(0, n, chunk_rows):
+                z = (h[s : s + chunk_rows] @ w.T).to(acc)
+                p = teacher.probs(rows[s : s + chunk_rows]).to(acc)
+                lse = torch.logsumexp(z, dim=-1, keepdim=True)
+                total += (lse.squeeze(-1) - (p * z).sum(-1)).sum()
+                argmax[s : s + chunk_rows] = z.argmax(dim=-1)
+                if need_grad:
+                    g = z.sub_(lse).exp_().sub_(p).div_(n).to(dtype)  # (softmax(z) - p) / n, in place of z
+                    dh[s : s + chunk_rows] = g @ w
+                    dw += g.T @ h[s : s + chunk_rows]
+            loss = total / max(n, 1)
+        if need_grad:
+            ctx.save_for_backward(dh, dw.to(dtype))
+        ctx.mark_non_differentiable(argmax)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return loss, argmax
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_argmax):
+        dh, dw = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        return (dh.to(h_dtype) * grad_loss.to(h_dtype), dw.to(w_dtype) * grad_loss.to(w_dtype),
+                None, None, None, None)
+
+
+@dataclass
+class SoftCrossEntropy:
+    """One step's soft cross-entropy (mean over rows, fp32 — fp64 for fp64 inputs —, with a graph) and the
+    argmax agreement with the teacher."""
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor  # detached; 0 for no rows
+
+
+def linear_soft_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, teacher: TeacherTargets,
+                              rows: torch.Tensor, chunk_rows: int | None = None) -> SoftCrossEntropy:
+    """`soft_cross_entropy(hidden @ weight.T, teacher.probs(rows))` and `accuracy` of the same, without
+    materialising the [N, V] logits: computed `chunk_rows` rows at a time (default: 2^26 elements per
+    chunk), the gradients with them. hidden [N, H] pairs row i with the teacher's row rows[i]."""
+    step = _chunk_rows(weight.shape[0], chunk_rows)
+    loss, argmax = _LinearSoftCrossEntropy.apply(hidden, weight, teacher.logits, teacher.lse, rows, step)
+    if len(rows) == 0:
+        return SoftCrossEntropy(loss, loss.new_zeros((), dtype=torch.float32))
+    return SoftCrossEntropy(loss, (argmax == teacher.argmax[rows]).float().mean())
 
 
 def expected_acceptance_length(step_accuracies: list[float]) -> float:

@@ -11,8 +11,9 @@ Arithmetic from the target's shapes, not a measurement. What it counts, per GPU:
   (divided by N with training.optimizer_sharding=zero1) and its frozen fp32 copy of the embedding;
 - the teacher's draft-vocab rows of lm_head;
 - the target forward's transient tensors at data.tokens_per_batch: one layer's working set (residual,
-  norm, q/k/v, attention output, 3 MLP intermediates), the captured features, the fp32 teacher logits
-  and one fp32 chunk of the full-vocabulary argmax scan.
+  norm, q/k/v, attention output, 3 MLP intermediates), the captured features, the teacher's draft-vocab
+  logits (in the target's dtype, with an fp32 log-sum-exp per token) and one chunk of the
+  full-vocabulary argmax scan.
 
 Not counted: the head's own activations (its TTT unroll: they depend on the head's implementation and
 are measured by `bench.py throughput`), allocator slack, the CUDA context. `headroom_gb` is what an
@@ -205,7 +206,7 @@ def plan(recipe: Recipe, layout: Layout, shapes: TargetShapes) -> MemoryPlan:
     tokens = recipe.data.tokens_per_batch
     layer_working = tokens * (4 * t.hidden + 3 * t.intermediate + (2 * t.heads + 2 * t.kv_heads) * t.head_dim) * b
     features = tokens * 4 * t.hidden * b  # low‖mid‖high and the last hidden state
-    teacher = tokens * recipe.draft.draft_vocab_size * 4 + tokens * min(ARGMAX_CHUNK, t.vocab) * 4
+    teacher = tokens * recipe.draft.draft_vocab_size * b + tokens * 4 + tokens * min(ARGMAX_CHUNK, t.vocab) * b
     return MemoryPlan(
         layout=layout.describe(),
         target_weights=round(weights),

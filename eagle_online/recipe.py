@@ -54,7 +54,9 @@ class TargetConfig(_Section):
     aux_layer_ids: list[int] | None = Field(
         default=None, description="residual streams entering these layers (HF hidden_states[i]); default [2, N//2, N-3]"
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="auto: flash_attention_2 when flash-attn is installed on a GPU, else varlen "
+        "(mask-free attention per packed conversation); sdpa builds a [T × T] mask from position_ids")
     trust_remote_code: bool = False
     sharding: Literal["none", "zero3"] = Field(
         "none", description="none: every rank holds the whole target; zero3: DeepSpeed ZeRO-3 partitions it "
@@ -78,6 +80,8 @@ class DraftConfig(_Section):
     ttt_length: int = Field(7, ge=1, description="training-time-test unroll steps")
     loss_decay: float = Field(0.8, gt=0, le=1, description="step k's loss is weighted decay**k")
     init_lm_head_from_target: bool = True
+    compile: bool = Field(False, description="torch.compile the head's decoder layer (worth it on GPU; minutes of "
+                          "compilation on CPU)")
 
 
 class DataSource(_Section):

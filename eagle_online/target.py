@@ -7,11 +7,13 @@ computed over the draft vocabulary rows of lm_head only.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from eagle_online.attention import VARLEN, DocumentLayout, register_varlen_attention
 from eagle_online.distributed import full_params
 from eagle_online.recipe import TargetConfig, resolve_asset
 
@@ -30,6 +32,27 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def resolve_attn_implementation(name: str, device: torch.device, config=None) -> str:
+    """The attention a target runs on packed rows. `auto`: flash-attn's varlen kernels when the
+    flash-attn package is installed on a GPU, else our mask-free `varlen` (torch's own flash varlen
+    kernel on CUDA, a causal kernel over conversations regrouped one per row on CPU); sdpa for a
+    sliding-window model, which `varlen` does not implement. `varlen` is registered with
+    transformers when chosen."""
+    if name == "auto":
+        text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+        sliding = text is not None and (
+            (getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True))
+            or "sliding_attention" in (getattr(text, "layer_types", None) or [])
+        )
+        if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+            name = "flash_attention_2"
+        else:
+            name = "sdpa" if sliding else VARLEN
+    if name == VARLEN:
+        register_varlen_attention()
+    return name
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of an HF causal LM (Llama, Qwen, Mistral, Gemma... all expose model.layers)."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
@@ -40,12 +63,21 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @dataclass
-class TargetOutput:
-    """What one frozen target forward gives the head."""
+class TargetFeatures:
+    """What the target's layers give: the aux features and the final hidden state."""
 
     aux_hidden: torch.Tensor  # [B, T, 3·H_target] low‖mid‖high, the target's dtype
     last_hidden: torch.Tensor  # [B, T, H_target] final post-norm hidden state
-    teacher_logits: torch.Tensor  # [B, T, draft_vocab] fp32, target logits restricted to the draft vocab
+
+
+@dataclass
+class TargetOutput(TargetFeatures):
+    """What one frozen target forward gives the head: its features and the teacher."""
+
+    # [B, T, draft_vocab] target logits restricted to the draft vocab, in the target's dtype: in bf16 the
+    # matmul's output is rounded to bf16 anyway, so an fp32 copy would double the bytes (2 GB at 16k
+    # tokens × 32k) for no precision; the loss reads them in fp32 a chunk of rows at a time.
+    teacher_logits: torch.Tensor
     teacher_in_draft: torch.Tensor  # [B, T] bool: the full-vocabulary argmax lies in the draft vocab
 
 
@@ -96,17 +128,41 @@ class FrozenTarget(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, vocab_chunk: int = 16384) -> TargetOutput:
         """Run the target once over a packed row (position_ids restart per conversation)."""
+        return self.teacher(self.features(input_ids, position_ids), vocab_chunk)
+
+    @torch.no_grad()
+    def features(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> TargetFeatures:
+        """The decoder's forward: aux features (captured by the hooks) and the final hidden state."""
         self._captured.clear()
         base = self.model.get_decoder()
-        last = base(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        last = base(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                    **self._packing_kwargs(position_ids)).last_hidden_state
         aux = torch.cat([self._captured.pop(i) for i in self.aux_layer_ids], dim=-1)
-        teacher_logits = (last @ self.lm_head_draft.T).float()
+        return TargetFeatures(aux_hidden=aux, last_hidden=last)
+
+    @torch.no_grad()
+    def teacher(self, features: TargetFeatures, vocab_chunk: int = 16384) -> TargetOutput:
+        """The teacher over the draft vocab, and whether each full-vocabulary argmax is a draft token."""
+        last = features.last_hidden
         return TargetOutput(
-            aux_hidden=aux,
+            aux_hidden=features.aux_hidden,
             last_hidden=last,
-            teacher_logits=teacher_logits,
+            teacher_logits=last @ self.lm_head_draft.T,
             teacher_in_draft=self._argmax_in_draft(last, vocab_chunk),
         )
+
+    def _packing_kwargs(self, position_ids: torch.Tensor) -> dict:
+        """Conversation boundaries computed once per forward for the varlen kernels (flash-attn's read
+        cu_seq_lens/max_length, ours the layout), instead of from position_ids in every layer."""
+        impl = getattr(self.config, "_attn_implementation", None)
+        if impl != VARLEN and not str(impl).startswith("flash_attention"):
+            return {}
+        layout = DocumentLayout.from_position_ids(position_ids)
+        kwargs = dict(cu_seq_lens_q=layout.cu_seqlens, cu_seq_lens_k=layout.cu_seqlens,
+                      max_length_q=layout.max_len, max_length_k=layout.max_len)
+        if impl == VARLEN:
+            kwargs["document_layout"] = layout
+        return kwargs
 
     def _argmax_in_draft(self, last: torch.Tensor, chunk: int) -> torch.Tensor:
         """Whether the full-vocabulary argmax is a draft token. Under ZeRO-3 lm_head is gathered for the
@@ -129,19 +185,22 @@ class FrozenTarget(nn.Module):
         return self.in_draft[best_id]
 
 
-def load_target_model(cfg: TargetConfig, device: torch.device | None) -> nn.Module:
+def load_target_model(cfg: TargetConfig, device: torch.device, move: bool = True) -> nn.Module:
     """Load the target's HF model, frozen, with the KV cache off (packing is ignored with it on, DESIGN §9).
-    `device=None` leaves it where loading put it (ZeRO-3 partitions are already on this rank's device)."""
-    from transformers import AutoModelForCausalLM
+    `device` decides the `auto` dtype and attention; `move=False` leaves the model where loading put it
+    (ZeRO-3 partitions are already on this rank's device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    path = resolve_asset(cfg.model)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_asset(cfg.model),
+        path,
         dtype=resolve_dtype(cfg.dtype, device),
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device, config),
         trust_remote_code=cfg.trust_remote_code,
         use_cache=False,
     )
-    if device is not None:
+    if move:
         model = model.to(device)
     return model.eval().requires_grad_(False)
 

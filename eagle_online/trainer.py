@@ -12,12 +12,13 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 
-from eagle_online.data import format_stats, prepare_data
+from eagle_online.data import PreparedData, format_stats, prepare_data
 from eagle_online.data.packing import PackedBatch, pack_conversations
 from eagle_online.data.vocab import (
     build_draft_vocab,
@@ -34,7 +35,8 @@ from eagle_online.heads.eagle3 import eagle3_config
 from eagle_online.losses import expected_acceptance_length
 from eagle_online.metrics import truncate_metrics
 from eagle_online.recipe import Recipe
-from eagle_online.target import FrozenTarget, decoder_layers, load_tokenizer
+from eagle_online.target import FrozenTarget, TargetOutput, decoder_layers, load_tokenizer
+from eagle_online.timing import StepTimer
 
 CHECKPOINT_PREFIX = "step_"
 
@@ -105,8 +107,12 @@ class Trainer:
         self._epoch, self._batches = -1, []  # the packed micro-batches of the epoch being read
 
     # ----------------------------------------------------------------------------------- setup
-    def setup(self) -> None:
-        """Build everything: accelerator, tokenizer, data, draft vocab, target, head, optimizer."""
+    def setup(self, target_model: torch.nn.Module | None = None, data: PreparedData | None = None) -> None:
+        """Build everything: accelerator, tokenizer, data, draft vocab, target, head, optimizer.
+
+        `target_model` and `data` replace loading the recipe's target and reading its sources (the
+        throughput benchmark passes a random-weight target and synthetic conversations; one process).
+        """
         r = self.recipe
         self.dist = setup_distributed(recipe=r, run_dir=self.run_dir)  # the order: see distributed.py
         self.accelerator = acc = self.dist.accelerator
@@ -116,9 +122,10 @@ class Trainer:
             (self.run_dir / "recipe.yaml").write_text(r.to_yaml())
         acc.wait_for_everyone()
 
-        self.tokenizer = load_tokenizer(r.target)
-        self.data = prepare_data(r.data, self.tokenizer)  # raises DataError when nothing is usable
-        model = self.dist.load_target(r.target)  # partitioned across ranks with target.sharding=zero3
+        self.tokenizer = load_tokenizer(r.target) if data is None else None
+        self.data = data or prepare_data(r.data, self.tokenizer)  # raises DataError when nothing is usable
+        # partitioned across ranks with target.sharding=zero3
+        model = target_model if target_model is not None else self.dist.load_target(r.target)
         vocab_size = full_shape(model.get_output_embeddings().weight)[0]
         d2t, t2d = self._draft_vocab(vocab_size)
         draft_ids = torch.arange(len(d2t)) + d2t
@@ -133,6 +140,8 @@ class Trainer:
             d2t,
             t2d,
         )
+        if r.draft.compile:
+            head.compile_layer()
         if acc.is_main_process:
             config.to_json_file(self.run_dir / "draft_config.json")
             info = {"aux_layer_ids": self.target.aux_layer_ids, "target_num_layers": len(decoder_layers(model))}
@@ -209,42 +218,64 @@ class Trainer:
         )]
 
     # ------------------------------------------------------------------------------------ loop
-    def train_step(self, batches: list[PackedBatch]) -> dict[str, float]:
-        """One optimizer step over `batches` (gradient accumulation); returns its metrics."""
-        acc, r = self.accelerator, self.recipe
+    def train_step(self, batches: list[PackedBatch], timer: StepTimer | None = None) -> dict[str, float]:
+        """One optimizer step over `batches` (gradient accumulation); returns its metrics.
+
+        The step runs as named phases (timing.PHASES), each timed on `timer`; the throughput
+        benchmark runs this same code, and runs each phase's method alone to price the pipeline.
+        """
+        timer = timer or StepTimer()
+        acc = self.accelerator
         ga = len(batches)
         sums: dict[str, float] = {}
         tokens = 0
-        times = {"target": 0.0, "head": 0.0}
         for m, batch in enumerate(batches):
-            input_ids = batch.input_ids.to(acc.device)
-            position_ids = batch.position_ids.to(acc.device)
-            loss_mask = batch.loss_mask.to(acc.device)
-            t0 = time.perf_counter()
-            out = self.target(input_ids, position_ids)
-            t1 = time.perf_counter()
+            with timer.phase("data"):
+                batch = self._to_device(batch)
+            with timer.phase("target"):
+                features = self.target.features(batch.input_ids, batch.position_ids)
+            with timer.phase("teacher"):
+                out = self.target.teacher(features)
             sync = acc.no_sync(self.head) if m < ga - 1 else nullcontext()
             with sync, acc.autocast():
-                res = self.head(
-                    out.aux_hidden, input_ids, position_ids, loss_mask, out.teacher_logits, out.teacher_in_draft,
-                    ttt_length=r.draft.ttt_length, loss_decay=r.draft.loss_decay,
-                )
-                acc.backward(res.loss / ga)
-            times["target"] += t1 - t0
-            times["head"] += time.perf_counter() - t1
+                with timer.phase("head_forward"):
+                    res = self._head_forward(out, batch)
+                with timer.phase("head_backward"):
+                    acc.backward(res.loss / ga)
             tokens += batch.num_tokens
             for k, v in res.metrics.as_dict().items():
                 sums[k] = sums.get(k, 0.0) + v / ga
             sums["loss"] = sums.get("loss", 0.0) + float(res.loss.detach()) / ga
-        grad_norm = acc.clip_grad_norm_(self.head.parameters(), r.training.max_grad_norm)
         sums["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step applies
+        with timer.phase("optimizer"):
+            grad_norm = self._optimizer_step()
+        sums["grad_norm"] = float(grad_norm)
+        sums["tokens"] = tokens
+        sums["time_target"] = timer.total("target", "teacher")
+        sums["time_head"] = timer.total("head_forward", "head_backward")
+        return _with_tau_hat(self._reduce(sums))
+
+    def _to_device(self, batch: PackedBatch) -> PackedBatch:
+        """The batch's tensors on this rank's device."""
+        device = self.accelerator.device
+        return replace(batch, input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                       loss_mask=batch.loss_mask.to(device))
+
+    def _head_forward(self, out: TargetOutput, batch: PackedBatch):
+        """The head's TTT unroll on one micro-batch: its loss and per-step metrics."""
+        r = self.recipe
+        return self.head(
+            out.aux_hidden, batch.input_ids, batch.position_ids, batch.loss_mask, out.teacher_logits,
+            out.teacher_in_draft, ttt_length=r.draft.ttt_length, loss_decay=r.draft.loss_decay,
+        )
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip, step the optimizer and the schedule, clear the gradients; returns the pre-clip norm."""
+        grad_norm = self.accelerator.clip_grad_norm_(self.head.parameters(), self.recipe.training.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sums["grad_norm"] = float(grad_norm)
-        sums["tokens"] = tokens
-        sums.update({f"time_{k}": v for k, v in times.items()})
-        return _with_tau_hat(self._reduce(sums))
+        return grad_norm
 
     def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         """Average metrics over ranks (tokens are summed)."""
@@ -270,7 +301,10 @@ class Trainer:
         window_tokens, window_start = 0, time.perf_counter()
         every = self.recipe.training.checkpoint_every
         while self.step < self.total_steps:
-            last = self.train_step(self._micro_batches(self.step))
+            timer = StepTimer()
+            with timer.phase("data"):
+                batches = self._micro_batches(self.step)
+            last = self.train_step(batches, timer)
             self.step += 1
             window_tokens += last["tokens"]
             elapsed = time.perf_counter() - window_start

@@ -18,23 +18,38 @@ def _packed_positions(lengths):
     return torch.cat([torch.arange(n) for n in lengths])[None]
 
 
-def test_ttt_attention_matches_dense_reference():
+# Tolerances per dtype against the fp64 dense reference: fp64 agrees to rounding; fp32 and bf16 are
+# the kernels' own precision (bf16 inputs and outputs carry 8 bits of mantissa).
+_TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 4e-2}
+
+
+@pytest.mark.parametrize("kernel", ["cpu_flash", "math"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_ttt_attention_matches_dense_reference(kernel, dtype):
     """Step k's query i sees step-0 keys j <= i of its own conversation and the keys of steps 1..k at
-    position i only. The reference flattens all steps into one sequence with that mask."""
+    position i only. The reference flattens all steps into one sequence with that mask (fp64, dense),
+    and autograd through it gives the reference gradients of inputs and projection weights."""
     torch.manual_seed(0)
     cfg = eagle3_config(tiny_llama_config(), 40)
     attn = TTTAttention(cfg).double()
+    attn.kernel = kernel
     head = Eagle3Head(cfg).double()
     steps, lengths = 4, [5, 3, 6]
     pos = _packed_positions(lengths)
     t = pos.shape[1]
     docs = torch.cumsum(pos == 0, dim=-1)  # conversation of each token
     layout = DocumentLayout.from_position_ids(pos)
-    xs = [torch.randn(1, t, 2 * cfg.hidden_size, dtype=torch.double) for _ in range(steps)]
+    xs = [torch.randn(1, t, 2 * cfg.hidden_size, dtype=torch.double, requires_grad=True) for _ in range(steps)]
+    grad_out = [torch.randn(1, t, cfg.hidden_size, dtype=torch.double) for _ in range(steps)]
+    test_attn = TTTAttention(cfg).to(dtype)
+    test_attn.load_state_dict(attn.state_dict())
+    test_attn.kernel = kernel
+    test_xs = [x.detach().to(dtype).requires_grad_(True) for x in xs]
     cache, outs = [], []
-    for k, x in enumerate(xs):
+    for k, x in enumerate(test_xs):
         cos, sin = head.rotary_emb(x, pos + k)
-        outs.append(attn(x, cos, sin, cache, layout))
+        outs.append(test_attn(x, cos.to(dtype), sin.to(dtype), cache, layout))
+    sum((o.double() * g).sum() for o, g in zip(outs, grad_out)).backward()
 
     # Dense reference over the flattened (step, position) sequence.
     h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -61,8 +76,14 @@ def test_ttt_attention_matches_dense_reference():
                     allowed[s * t + i, s2 * t + j] = ok
     ref = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=allowed)
     ref = attn.o_proj(ref.transpose(1, 2).reshape(1, n, h * d))
+    (ref * torch.cat(grad_out, 1)).sum().backward()
+    tol = _TOL[dtype]
     for s in range(steps):
-        torch.testing.assert_close(outs[s], ref[:, s * t : (s + 1) * t], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(outs[s].double(), ref[:, s * t : (s + 1) * t], rtol=tol, atol=tol)
+        torch.testing.assert_close(test_xs[s].grad.double(), xs[s].grad, rtol=tol, atol=tol)
+    for name, p in attn.named_parameters():
+        torch.testing.assert_close(dict(test_attn.named_parameters())[name].grad.double(), p.grad, rtol=tol,
+                                   atol=tol * max(1.0, p.grad.abs().max().item()), msg=name)
 
 
 def test_soft_cross_entropy_by_hand():
@@ -147,6 +168,68 @@ def test_ttt_loss_is_decayed_sum_and_masks_apply():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def _plain_unroll(head, aux_hidden, input_ids, position_ids, loss_mask, teacher_logits, teacher_in_draft,
+                  ttt_length, loss_decay):
+    """The TTT unroll written plainly from DESIGN §2: every step's attention is one dense masked
+    softmax over the keys of all steps so far, and every step materialises its logits and the
+    teacher's probabilities. Returns (loss, per-step losses)."""
+    layer, attn = head.midlayer, head.midlayer.self_attn
+    h, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    t = input_ids.shape[1]
+    docs = torch.cumsum(position_ids == 0, dim=-1)[0]
+    teacher = teacher_logits[0].softmax(-1)
+    same_doc_causal = (docs[:, None] == docs[None, :]) & torch.ones(t, t, dtype=torch.bool).tril()
+    hidden = head.fc(aux_hidden)
+    ks, vs, losses = [], [], []
+    loss = 0.0
+    for k in range(ttt_length):
+        nxt = torch.cat([input_ids[:, 1 + k :], torch.zeros(1, 1 + k, dtype=torch.long)], 1)
+        x = torch.cat([layer.input_layernorm(head.embed_tokens(nxt)), layer.hidden_norm(hidden)], -1)
+        cos, sin = head.rotary_emb(x, position_ids + k)
+        q = attn.q_proj(x).view(1, t, h, d).transpose(1, 2)
+        kk = attn.k_proj(x).view(1, t, kvh, d).transpose(1, 2)
+        q, kk = apply_rotary_pos_emb(q, kk, cos, sin)
+        ks.append(kk.repeat_interleave(h // kvh, 1))
+        vs.append(attn.v_proj(x).view(1, t, kvh, d).transpose(1, 2).repeat_interleave(h // kvh, 1))
+        allowed = torch.cat([same_doc_causal] + [torch.eye(t, dtype=torch.bool)] * k, dim=1)
+        a = F.scaled_dot_product_attention(q, torch.cat(ks, 2), torch.cat(vs, 2), attn_mask=allowed)
+        hidden = hidden + attn.o_proj(a.transpose(1, 2).reshape(1, t, h * d))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        logits = head.lm_head(head.norm(hidden))[0]
+        terms = []
+        for i in range(t - 2 - k):
+            if loss_mask[0, i + 2 + k] and docs[i + 2 + k] == docs[i] and teacher_in_draft[0, i + 1 + k]:
+                terms.append(-(teacher[i + 1 + k] * logits[i].log_softmax(-1)).sum())
+        step = torch.stack(terms).mean()
+        losses.append(step)
+        loss = loss + loss_decay**k * step
+    return loss, losses
+
+
+def test_head_loss_and_gradients_match_the_plain_unroll():
+    """The lean unroll (mask-free attention, fused chunked soft-CE) computes the plain unroll's loss
+    and parameter gradients, in fp64 to rounding (1e-9) and in fp32 to 1e-4."""
+    head, b = _head_and_batch((9, 4, 7))
+    b["loss_mask"][0, [3, 12]] = 0
+    b["teacher_in_draft"][0, [5, 17]] = False
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
+        head = head.to(dtype)
+        args = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in b.items()}
+        head.zero_grad()
+        ref, ref_steps = _plain_unroll(head, **args, ttt_length=4, loss_decay=0.8)
+        ref.backward()
+        ref_grads = {n: p.grad.clone() for n, p in head.named_parameters() if p.requires_grad}
+        head.zero_grad()
+        out = head(**args, ttt_length=4, loss_decay=0.8)
+        out.loss.backward()
+        torch.testing.assert_close(out.loss.to(dtype), ref, rtol=tol, atol=tol)
+        for got, want in zip(out.metrics.losses, ref_steps):
+            torch.testing.assert_close(got.to(dtype), want.detach(), rtol=tol, atol=tol)
+        for name, grad in ref_grads.items():
+            got = dict(head.named_parameters())[name].grad
+            torch.testing.assert_close(got, grad, rtol=tol, atol=tol * max(1.0, grad.abs().max().item()), msg=name)
+
+
 def test_head_registry():
     assert head_class("LlamaForCausalLMEagle3") is Eagle3Head
     with pytest.raises(ValueError, match="LlamaForCausalLMEagle3"):
@@ -208,3 +291,28 @@ def test_document_layout_regroups_and_restores_tokens():
     padded = layout.pad(tokens)
     assert padded[layout.valid].tolist() == list(range(12))
     assert torch.equal(layout.unpad(padded), tokens)
+
+
+def test_compiled_layer_gives_the_same_loss_gradients_and_names():
+    """`draft.compile`: the decoder layer compiled in place (AOTAutograd; inductor's code generation
+    is skipped to keep CI fast) trains exactly as the eager one and keeps the export's tensor names."""
+    head, b = _head_and_batch((30, 12, 21))
+    names = list(head.state_dict())
+    ref = head(**b, ttt_length=3)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}
+    head.zero_grad()
+    head.compile_layer(backend="aot_eager")
+    try:
+        for lengths in ((30, 12, 21), (17, 25)):  # a second packed shape reuses the dynamic graph
+            _, batch = _head_and_batch(lengths)
+            out = head(**batch, ttt_length=3)
+            if lengths == (30, 12, 21):
+                out.loss.backward()
+                torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+                for name, p in head.named_parameters():
+                    if name in ref_grads:
+                        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+        assert list(head.state_dict()) == names
+    finally:
+        torch._dynamo.reset()

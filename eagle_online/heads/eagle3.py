@@ -11,14 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import (
-    LlamaMLP,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
-    apply_rotary_pos_emb,
-)
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from eagle_online.losses import StepMetrics, accuracy, soft_cross_entropy
+from eagle_online.attention import DocumentLayout, causal_plus_diagonal_attention
+from eagle_online.heads.layers import RMSNorm, SwiGLUMLP
+from eagle_online.losses import StepMetrics, TeacherTargets, linear_soft_cross_entropy
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 
@@ -62,47 +59,16 @@ def shift_left(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
     return torch.cat([x[:, n:], pad], dim=1)
 
 
-@dataclass
-class DocumentLayout:
-    """Packed tokens regrouped one conversation per row, so attention costs Σ len² instead of T².
-
-    `doc` [B, T] numbers each token's conversation; `gather` [D, L] indexes the flat B·T tokens
-    (padding points at token 0 and is masked by `valid`); `scatter` [B·T] indexes the flat D·L
-    padded grid back to token order.
-    """
-
-    doc: torch.Tensor
-    gather: torch.Tensor
-    valid: torch.Tensor
-    scatter: torch.Tensor
-
-    @classmethod
-    def from_position_ids(cls, position_ids: torch.Tensor) -> DocumentLayout:
-        flat = position_ids.reshape(-1)
-        starts = flat == 0
-        starts[:: position_ids.shape[1]] = True  # a row always starts a conversation
-        doc = torch.cumsum(starts.long(), 0) - 1
-        start_of = torch.nonzero(starts).squeeze(1)
-        offset = torch.arange(flat.numel(), device=flat.device) - start_of[doc]
-        lengths = torch.bincount(doc)
-        n_docs, longest = len(lengths), int(lengths.max())
-        gather = torch.zeros(n_docs, longest, dtype=torch.long, device=flat.device)
-        gather[doc, offset] = torch.arange(flat.numel(), device=flat.device)
-        valid = torch.arange(longest, device=flat.device)[None, :] < lengths[:, None]
-        return cls(doc=doc.view_as(position_ids), gather=gather, valid=valid, scatter=doc * longest + offset)
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """[B·T, ...] in token order → [D, L, ...] one conversation per row."""
-        return x[self.gather]
-
-    def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """[D, L, ...] → [B·T, ...] in token order."""
-        return x.reshape(-1, *x.shape[2:])[self.scatter]
-
-
 class TTTAttention(nn.Module):
     """Attention over 2H-wide inputs with the TTT pattern: causal (within a conversation) over the
-    step-0 keys, plus the keys each later step wrote at the query's own position."""
+    step-0 keys, plus the keys each later step wrote at the query's own position.
+
+    No [T × T] mask or score matrix is built per step: the step-0 part runs through a varlen /
+    flash kernel (eagle_online.attention) and the diagonal keys join its softmax through the
+    log-sum-exp, with gradients through both. `kernel` forces one (None: the best for the device).
+    """
+
+    kernel: str | None = None
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -115,40 +81,27 @@ class TTTAttention(nn.Module):
         self.v_proj = nn.Linear(2 * h, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
 
-    def forward(self, x, cos, sin, cache: list[tuple[torch.Tensor, torch.Tensor]], layout: DocumentLayout):
-        """x [B, T, 2H]. `cache` holds earlier steps' keys and values: step 0's padded per
-        conversation [D, heads, L, d], later steps' flat [B·T, heads, d]; this step's are appended."""
+    def project(self, x, cos, sin):
+        """Queries [B·T, heads, d] and keys and values [B·T, kv_heads, d] of x [B, T, 2H], RoPE applied."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        groups = self.num_heads // self.num_kv_heads
-        # Token-major flat views [B·T, heads, d], keys and values expanded to all query heads.
-        q = q.transpose(1, 2).reshape(b * t, self.num_heads, self.head_dim)
-        k = k.transpose(1, 2).reshape(b * t, self.num_kv_heads, self.head_dim).repeat_interleave(groups, dim=1)
-        v = v.transpose(1, 2).reshape(b * t, self.num_kv_heads, self.head_dim).repeat_interleave(groups, dim=1)
-        if not cache:
-            cache.append((layout.pad(k).transpose(1, 2), layout.pad(v).transpose(1, 2)))
-        else:
-            cache.append((k, v))
-        scale = 1.0 / math.sqrt(self.head_dim)
-        qp = layout.pad(q).transpose(1, 2)  # [D, heads, L, d]
-        k0, v0 = cache[0]
-        # Against step 0's keys: causal inside each conversation. Against steps 1..k: one key per
-        # query (the diagonal), so a dot product per position.
-        scores0 = (qp @ k0.transpose(-1, -2)) * scale
-        length = qp.shape[2]
-        allowed = torch.ones(length, length, dtype=torch.bool, device=x.device).tril() & layout.valid[:, None, None, :]
-        scores0 = scores0.masked_fill(~allowed, torch.finfo(scores0.dtype).min)
-        diag = [layout.pad((q * kk).sum(-1) * scale).transpose(1, 2)[..., None] for kk, _ in cache[1:]]
-        scores = torch.cat([scores0, *diag], dim=-1)
-        probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
-        out = probs[..., :length] @ v0
-        for j, (_, vv) in enumerate(cache[1:]):
-            out = out + probs[..., length + j : length + j + 1] * layout.pad(vv).transpose(1, 2)
-        out = layout.unpad(out.transpose(1, 2))  # [B·T, heads, d]
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        return q.to(v.dtype).flatten(0, 1), k.to(v.dtype).flatten(0, 1), v.flatten(0, 1)
+
+    def attend(self, q, cache: list[tuple[torch.Tensor, torch.Tensor]], layout: DocumentLayout) -> torch.Tensor:
+        """Attention of q over the cached keys in the TTT pattern, [B·T, heads·d] (before o_proj)."""
+        out = causal_plus_diagonal_attention(q, [k for k, _ in cache], [v for _, v in cache], layout,
+                                             1.0 / math.sqrt(self.head_dim), self.kernel)
+        return out.flatten(1)
+
+    def forward(self, x, cos, sin, cache: list[tuple[torch.Tensor, torch.Tensor]], layout: DocumentLayout):
+        """x [B, T, 2H]. `cache` holds earlier steps' keys and values, token-major [B·T, kv_heads, d];
+        this step's are appended."""
+        q, k, v = self.project(x, cos, sin)
+        cache.append((k, v))
+        return self.o_proj(self.attend(q, cache, layout).view(*x.shape[:-1], -1))
 
 
 class Eagle3DecoderLayer(nn.Module):
@@ -157,16 +110,28 @@ class Eagle3DecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         h = config.hidden_size
-        self.input_layernorm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
-        self.hidden_norm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(h, eps=config.rms_norm_eps)
+        self.hidden_norm = RMSNorm(h, eps=config.rms_norm_eps)
         self.self_attn = TTTAttention(config)
-        self.post_attention_layernorm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.post_attention_layernorm = RMSNorm(h, eps=config.rms_norm_eps)
+        self.mlp = (SwiGLUMLP(h, config.intermediate_size, config.mlp_bias) if config.hidden_act == "silu"
+                    else LlamaMLP(config))
 
     def forward(self, embeds, hidden, cos, sin, cache, layout):
-        residual = hidden  # norm_before_residual = False: the residual is the feature before hidden_norm
+        q, k, v = self.qkv(embeds, hidden, cos, sin)
+        cache.append((k, v))
+        return self.finish(hidden, self.self_attn.attend(q, cache, layout).view(*hidden.shape[:-1], -1))
+
+    # The layer around its attention, in two pieces that hold no Python state (no cache list, no
+    # layout), so that torch.compile (Eagle3Head.compile_layer) traces each once for all TTT steps.
+    def qkv(self, embeds, hidden, cos, sin):
+        """Queries, keys and values of cat(input_layernorm(embeds), hidden_norm(hidden))."""
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
-        hidden = residual + self.self_attn(x, cos, sin, cache, layout)
+        return self.self_attn.project(x, cos, sin)
+
+    def finish(self, hidden, attn):
+        """o_proj, the residual (the feature before hidden_norm: norm_before_residual = False), the MLP."""
+        hidden = hidden + self.self_attn.o_proj(attn)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -190,7 +155,7 @@ class Eagle3Head(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)  # a frozen copy of the target's
         self.fc = nn.Linear(3 * target_h, h, bias=False)
         self.midlayer = Eagle3DecoderLayer(config)
-        self.norm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(h, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(h, config.draft_vocab_size, bias=False)
         self.rotary_emb = LlamaRotaryEmbedding(config)
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
@@ -205,6 +170,15 @@ class Eagle3Head(nn.Module):
             self.lm_head.weight.copy_(lm_head_draft)
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
+
+    def compile_layer(self, **kwargs) -> None:
+        """torch.compile the decoder layer's two pieces around its attention (parameter names, hence
+        export, unchanged), with dynamic shapes since packed rows vary in length: norms, rotary,
+        SiLU and residual adds fuse around the matmuls; the attention kernels run as they are.
+        `kwargs` go to torch.compile."""
+        layer = self.midlayer
+        layer.qkv = torch.compile(layer.qkv, dynamic=True, **kwargs)
+        layer.finish = torch.compile(layer.finish, dynamic=True, **kwargs)
 
     def step(self, hidden, token_ids, position_ids, cache, layout: DocumentLayout) -> torch.Tensor:
         """One draft step's pre-norm output. `hidden` is fc(aux) at step 0 and the previous step's
@@ -227,13 +201,14 @@ class Eagle3Head(nn.Module):
         x_{t+1+k} at RoPE position pos_t + k and predicts x_{t+2+k} against the teacher at t+1+k.
         A prediction counts when x_{t+2+k} is trained (loss_mask), lies in t's conversation, and
         the teacher's full-vocabulary argmax is a draft token; logits are computed for those
-        positions only.
+        positions only, a chunk of them at a time, inside the loss (no [positions × vocab] logits
+        are kept for backward, and the teacher stays in its own dtype).
         loss = Σ_k decay^k · softCE_k.
         """
         b, t = input_ids.shape
         layout = DocumentLayout.from_position_ids(position_ids)
         docs = layout.doc
-        teacher_probs = teacher_logits.reshape(b * t, -1).float().softmax(-1)
+        teacher = TeacherTargets.from_logits(teacher_logits.reshape(b * t, -1))
         hidden = self.fc(aux_hidden.to(self.fc.weight.dtype))
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         loss = hidden.new_zeros((), dtype=torch.float32)
@@ -246,12 +221,11 @@ class Eagle3Head(nn.Module):
                 & shift_left(teacher_in_draft, 1 + k, fill=False)
             )
             rows = valid.reshape(-1).nonzero().squeeze(1)  # t+2+k stays in the row, so rows+1+k does too
-            logits = self.logits(hidden.reshape(b * t, -1)[rows])
-            targets = teacher_probs[rows + 1 + k]
-            step_loss = soft_cross_entropy(logits, targets)
-            loss = loss + (loss_decay**k) * step_loss
-            losses.append(step_loss.detach())
-            accs.append(accuracy(logits.detach(), targets))
+            normed = self.norm(hidden.reshape(b * t, -1)[rows])
+            step = linear_soft_cross_entropy(normed, self.lm_head.weight, teacher, rows + 1 + k)
+            loss = loss + (loss_decay**k) * step.loss
+            losses.append(step.loss.detach())
+            accs.append(step.accuracy)
             counts.append(len(rows))
         return Eagle3Output(loss=loss, metrics=StepMetrics(losses, accs, counts))
 

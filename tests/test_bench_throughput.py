@@ -1,0 +1,84 @@
+"""`launch/bench.py throughput`: the benchmark runs the trainer's step and reports a consistent split.
+
+Figures are never asserted (CI machines differ); the structure and its internal consistency are.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from eagle_online.timing import PHASES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _check(result: dict, steps: int) -> None:
+    assert result["benchmark"] == "throughput"
+    assert result["tokens_per_step"] > 0 and result["tokens_per_s"] > 0
+    assert len(result["whole_steps_s"]) == len(result["split_steps_s"]) == steps
+    assert all(t > 0 for t in result["whole_steps_s"] + result["split_steps_s"])
+    assert math.isclose(result["tokens_per_s"], result["tokens_per_step"] * steps / sum(result["whole_steps_s"]))
+    for key in ("phases_s", "phases_alone_s"):
+        assert list(result[key]) == list(PHASES), key
+        assert all(v > 0 for v in result[key].values()), (key, result[key])
+    # The timed phases make up the synchronised step: what is left is the metrics bookkeeping.
+    split = result["split_step_s"]
+    assert abs(sum(result["phases_s"].values()) - split) < 0.1 * split, result
+    assert math.isclose(result["unaccounted_s"], split - sum(result["phases_s"].values()), abs_tol=1e-9)
+    assert math.isclose(result["sum_phases_alone_s"], sum(result["phases_alone_s"].values()), rel_tol=1e-9)
+    assert math.isclose(result["pipeline_overhead"], result["step_s"] / result["sum_phases_alone_s"] - 1,
+                        rel_tol=1e-9)
+    assert result["peak_memory_bytes"] > 10 * 2**20  # at least the model and the interpreter
+    # The head keeps at least its input features and one step's attention output per token.
+    assert result["head_saved_bytes"] > 0 and result["head_saved_bytes_per_token"] > result["config"]["target_hidden"]
+
+
+def test_throughput_on_the_tiny_recipe(tmp_path):
+    """As a user runs it: the tiny recipe's real target and data, JSON written and a table printed."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "launch" / "bench.py"), "throughput", "--recipe", "tiny_eagle3",
+           "--steps", "2", "--warmup", "1", "--repeats", "1", "--out", str(out),
+           "data.sources.0.max_rows=120", "data.tokens_per_batch=1024", "draft.ttt_length=3"]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    _check(result, steps=2)
+    c = result["config"]
+    assert (c["target"], c["target_layers"], c["ttt_length"], c["tokens_per_batch"], c["data"]) == (
+        "builtin:tiny_chat", 8, 3, 1024, "recipe")
+    assert result["tokens_per_step"] <= 1024
+    assert "tokens/s" in proc.stdout and "pipeline overhead" in proc.stdout
+    for phase in PHASES:
+        assert phase in proc.stdout
+
+
+def test_throughput_on_a_random_preset_with_synthetic_data(tmp_path):
+    """A preset architecture built with random weights (no download) trains on synthetic conversations."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import bench
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "bench.json"
+    code = bench.main(["throughput", "--target", "random_tiny", "--tokens", "384", "--steps", "1", "--warmup", "1",
+                       "--repeats", "1", "--out", str(out), "draft.draft_vocab_size=256", "draft.ttt_length=2",
+                       "training.gradient_accumulation_steps=2"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    _check(result, steps=1)
+    c = result["config"]
+    assert (c["target"], c["target_vocab"], c["data"], c["gradient_accumulation_steps"]) == (
+        "random_tiny", 1024, "synthetic", 2)
+    assert result["tokens_per_step"] <= 2 * 384
+
+
+def test_bad_arguments_fail_clearly():
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import bench
+    finally:
+        sys.path.pop(0)
+    assert bench.main(["throughput", "--target", "random_tiny", "--data", "recipe"]) == 2

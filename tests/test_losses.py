@@ -1,0 +1,79 @@
+"""The chunked, fused soft cross-entropy against the plain one it replaces in the head.
+
+Tolerances per dtype: fp64 agrees to rounding (1e-12); fp32 to 1e-5 relative (summation order);
+under bf16 autocast both sides round the logits to bf16 but at different points (the plain version
+rounds its [N, V] logits, the fused one its per-chunk gradient), so 2e-2.
+"""
+import pytest
+import torch
+
+from eagle_online.losses import TeacherTargets, accuracy, linear_soft_cross_entropy, soft_cross_entropy
+
+
+def _case(dtype, n=10, m=14, hidden=6, vocab=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=g, dtype=dtype).requires_grad_(True)
+    w = torch.randn(vocab, hidden, generator=g, dtype=dtype).requires_grad_(True)
+    teacher_logits = 3 * torch.randn(m, vocab, generator=g, dtype=dtype)
+    rows = torch.randperm(m, generator=g)[:n]
+    return h, w, teacher_logits, rows
+
+
+def _plain(h, w, teacher_logits, rows, scale):
+    """The textbook form over materialised logits: mean_rows −Σ_v p(v) log softmax(z)(v)."""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    targets = teacher_logits.to(acc).softmax(-1)[rows]
+    logits = h @ w.T
+    loss = -(targets * logits.to(acc).log_softmax(-1)).sum(-1).mean()
+    if acc == torch.float32:
+        torch.testing.assert_close(soft_cross_entropy(logits, targets), loss)  # what the head used before
+    (scale * loss).backward()
+    return loss.detach(), accuracy(logits.detach(), targets), h.grad.clone(), w.grad.clone()
+
+
+def _fused(h, w, teacher_logits, rows, scale, chunk_rows):
+    h.grad = w.grad = None
+    out = linear_soft_cross_entropy(h, w, TeacherTargets.from_logits(teacher_logits, chunk_rows=5), rows, chunk_rows)
+    (scale * out.loss).backward()
+    return out.loss.detach(), out.accuracy, h.grad.clone(), w.grad.clone()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("chunk_rows", [None, 3, 1])
+def test_fused_soft_cross_entropy_matches_plain(dtype, tol, chunk_rows):
+    h, w, teacher_logits, rows = _case(dtype)
+    plain = _plain(h, w, teacher_logits, rows, scale=0.37)
+    fused = _fused(h, w, teacher_logits, rows, scale=0.37, chunk_rows=chunk_rows)
+    for a, b in zip(plain, fused):
+        assert b.dtype == a.dtype
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol)
+
+
+def test_fused_soft_cross_entropy_under_bf16_autocast():
+    h, w, teacher_logits, rows = _case(torch.float32, n=64, m=80, hidden=32, vocab=50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = _plain(h, w, teacher_logits.bfloat16(), rows, scale=1.0)
+        fused = _fused(h, w, teacher_logits.bfloat16(), rows, scale=1.0, chunk_rows=16)
+    for a, b in zip(plain, fused):
+        assert b.dtype == a.dtype
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-3)
+
+
+def test_fused_soft_cross_entropy_with_no_rows():
+    h, w, teacher_logits, _ = _case(torch.float32)
+    rows = torch.zeros(0, dtype=torch.long)
+    h = h[:0].detach().requires_grad_(True)
+    out = linear_soft_cross_entropy(h, w, TeacherTargets.from_logits(teacher_logits), rows)
+    assert out.loss.item() == 0.0 and out.accuracy.item() == 0.0
+    out.loss.backward()
+    assert w.grad is not None and not w.grad.any()
+
+
+def test_teacher_targets_in_chunks():
+    logits = torch.randn(11, 7, dtype=torch.bfloat16)
+    t = TeacherTargets.from_logits(logits, chunk_rows=4)
+    assert t.logits is logits and t.lse.dtype == torch.float32
+    torch.testing.assert_close(t.lse, torch.logsumexp(logits.float(), -1))
+    assert torch.equal(t.argmax, logits.float().argmax(-1))
+    rows = torch.tensor([3, 0, 10])
+    torch.testing.assert_close(t.probs(rows), logits.float().softmax(-1)[rows])
