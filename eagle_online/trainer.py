@@ -12,6 +12,7 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,12 +22,13 @@ from accelerate.utils import set_seed
 from eagle_online.data import prepare_data
 from eagle_online.data.packing import PackedBatch, pack_conversations
 from eagle_online.data.vocab import build_draft_vocab, count_trained_tokens, load_draft_vocab, save_draft_vocab
-from eagle_online.export import checkpoint_names
-from eagle_online.heads import head_class
-from eagle_online.heads.eagle3 import eagle3_config
+from eagle_online.evaluate import evaluate, load_prompts
+from eagle_online.export import BEST_FILE, ExportError, aux_layer_ids_of, best_checkpoint, checkpoint_names, load_draft
+from eagle_online.heads import EAGLE3, architecture_of, build_head, configure_training, draft_config, drafter_for
+from eagle_online.heads.eagle3 import Eagle3Head
 from eagle_online.losses import expected_acceptance_length
 from eagle_online.metrics import trackers, truncate_metrics
-from eagle_online.recipe import Recipe
+from eagle_online.recipe import Recipe, resolve_asset
 from eagle_online.target import FrozenTarget, decoder_layers, load_target_model, load_tokenizer
 
 CHECKPOINT_PREFIX = "step_"
@@ -107,28 +109,27 @@ class Trainer:
         self.data = prepare_data(r.data, self.tokenizer)  # raises DataError when nothing is usable
         model = load_target_model(r.target, acc.device)
         vocab_size = model.get_output_embeddings().weight.shape[0]
-        d2t, t2d = self._draft_vocab(vocab_size)
+        imported = self._import_draft(model) if r.draft.init_from else None
+        d2t, t2d = self._draft_vocab(vocab_size, imported)
         draft_ids = torch.arange(len(d2t)) + d2t
-        self.target = FrozenTarget(model, r.target.aux_layer_ids, draft_ids.to(acc.device))
-
-        config = eagle3_config(model.config, r.draft.draft_vocab_size)
-        config.vocab_size = vocab_size
-        head = head_class(r.draft.architecture)(config)
-        head.init_from_target(
-            self.target.embed_weight.float().cpu(),
-            self.target.lm_head_draft.float().cpu() if r.draft.init_lm_head_from_target else None,
-            d2t,
-            t2d,
-        )
+        aux_ids = r.target.aux_layer_ids or (aux_layer_ids_of(imported.config) if imported is not None else None)
+        self.target = FrozenTarget(model, aux_ids, draft_ids.to(acc.device))
+        head = self._build_head(vocab_size, d2t, t2d, imported)
+        feature_scale = self._feature_scale(head)
+        if isinstance(head, Eagle3Head) and imported is None:
+            with torch.no_grad():
+                head.fc.weight.div_(feature_scale)
+        config = head.config
         if acc.is_main_process:
             config.to_json_file(self.run_dir / "draft_config.json")
-            info = {"aux_layer_ids": self.target.aux_layer_ids, "target_num_layers": len(decoder_layers(model))}
+            info = {"aux_layer_ids": self.target.aux_layer_ids, "target_num_layers": len(decoder_layers(model)),
+                    "feature_scale": feature_scale}
             (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
             (self.run_dir / "data_stats.json").write_text(json.dumps(self.data.stats, indent=2) + "\n")
 
         t = r.training
         optimizer = torch.optim.AdamW(
-            head.trainable_parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
+            self._param_groups(head, feature_scale), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
         )
         self.world = acc.num_processes
         micro_per_epoch = len(self._epoch_micro_batches(0)) // self.world
@@ -148,14 +149,80 @@ class Trainer:
         acc.register_for_checkpointing(self.scheduler)
         acc.init_trackers("tensorboard", config=_flat(r.model_dump(mode="json")))
 
-    def _draft_vocab(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Count trained tokens once per run and cache the draft vocabulary with it."""
+    def _feature_scale(self, head) -> float:
+        """How large the EAGLE-3 fc's input is: the median per-token RMS of the target's aux features on
+        the first batch (1.0 for other heads, or with draft.normalize_feature_scale off).
+
+        fc's default init and Adam's per-weight step size both assume inputs of RMS ~1. Targets whose
+        residual stream is far larger (the tiny target's is ~1300, from Muon training; Qwen2.5's carries
+        outliers of thousands) otherwise make fc(aux) drown the attention and MLP outputs in the
+        draft's residual, and the embedding of the next token barely reaches the logits: acc_0 crawls.
+        Dividing fc's init and learning rate by the scale is the same as training on aux / scale with
+        the usual init and rate (the served weights stay plain EAGLE-3). A function of the recipe alone
+        (epoch 0's first batch), so a resumed run and every rank get the same; run_info.json records it."""
+        if not isinstance(head, Eagle3Head) or not self.recipe.draft.normalize_feature_scale:
+            return 1.0
+        batch = self._epoch_micro_batches(0)[0]
+        device = self.accelerator.device
+        aux = self.target(batch.input_ids.to(device), batch.position_ids.to(device)).aux_hidden.float()
+        return float(aux.pow(2).mean(-1).sqrt().median())
+
+    def _param_groups(self, head, feature_scale: float) -> list[dict]:
+        """Trainable parameters in optimizer groups: EAGLE-3's fc at lr / feature_scale (see
+        _feature_scale), the rest at the recipe's lr (the first group's rate is the one logged)."""
+        params = head.trainable_parameters()
+        if feature_scale == 1.0:
+            return [{"params": params}]
+        fc = head.fc.weight
+        return [{"params": [p for p in params if p is not fc]},
+                {"params": [fc], "lr": self.recipe.training.lr / feature_scale}]
+
+    def _import_draft(self, model):
+        """The recipe's `draft.init_from` draft (any layout load_draft reads), checked against the recipe."""
+        r = self.recipe
+        head = load_draft(resolve_asset(r.draft.init_from), model.get_input_embeddings().weight.detach().float().cpu(),
+                          model.get_output_embeddings().weight.detach().float().cpu())
+        arch = architecture_of(head.config)
+        if arch != r.draft.architecture:
+            raise ExportError(f"draft.init_from {r.draft.init_from} holds a {arch} head, but draft.architecture is "
+                              f"{r.draft.architecture}")
+        size = getattr(head.config, "draft_vocab_size", None)
+        if size is not None and size != r.draft.draft_vocab_size:
+            raise ExportError(f"draft.init_from {r.draft.init_from} has a draft vocab of {size}, but "
+                              f"draft.draft_vocab_size is {r.draft.draft_vocab_size}")
+        return head.float()
+
+    def _build_head(self, vocab_size: int, d2t: torch.Tensor, t2d: torch.Tensor, imported):
+        """A fresh head initialised from the target (or the imported one), with the recipe's training settings."""
+        r = self.recipe
+        if imported is not None:
+            head = imported
+        else:
+            config = draft_config(r.draft.architecture, self.target.config, r.draft, vocab_size)
+            head = build_head(config)
+            full_lm_head = head.LM_HEAD == "full"
+            lm_head = self.target.lm_head_weight if full_lm_head else self.target.lm_head_draft
+            pass_lm_head = r.draft.init_lm_head_from_target or r.draft.architecture != EAGLE3
+            head.init_from_target(self.target.embed_weight.float().cpu(),
+                                  lm_head.float().cpu() if pass_lm_head else None, d2t, t2d)
+        if hasattr(head, "set_draft_vocab"):  # heads whose teacher vocabulary is not part of their weights
+            head.set_draft_vocab(d2t)
+        configure_training(head, r.draft)
+        return head
+
+    def _draft_vocab(self, vocab_size: int, imported=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Count trained tokens once per run and cache the draft vocabulary with it (an imported draft's
+        own vocabulary map, when it has one, is cached instead)."""
         path = self.run_dir / "draft_vocab.safetensors"
         size = self.recipe.draft.draft_vocab_size
         if not path.exists() and self.accelerator.is_main_process:
-            counts = count_trained_tokens(self.data.examples, vocab_size)
-            d2t, t2d = build_draft_vocab(counts, size)
-            save_draft_vocab(path, d2t, t2d, counts)
+            own = getattr(imported, "d2t", None)
+            if own is not None and own.numel() == size:
+                save_draft_vocab(path, own.cpu(), imported.t2d.cpu(), torch.zeros(vocab_size, dtype=torch.long))
+            else:
+                counts = count_trained_tokens(self.data.examples, vocab_size)
+                d2t, t2d = build_draft_vocab(counts, size)
+                save_draft_vocab(path, d2t, t2d, counts)
         self.accelerator.wait_for_everyone()
         d2t, t2d = load_draft_vocab(path)
         if len(d2t) != size or len(t2d) != vocab_size:
@@ -207,10 +274,8 @@ class Trainer:
             t1 = time.perf_counter()
             sync = acc.no_sync(self.head) if m < ga - 1 else nullcontext()
             with sync, acc.autocast():
-                res = self.head(
-                    out.aux_hidden, input_ids, position_ids, loss_mask, out.teacher_logits, out.teacher_in_draft,
-                    ttt_length=r.draft.ttt_length, loss_decay=r.draft.loss_decay,
-                )
+                on_device = replace(batch, input_ids=input_ids, position_ids=position_ids, loss_mask=loss_mask)
+                res = self.head(out, on_device)
                 acc.backward(res.loss / ga)
             times["target"] += t1 - t0
             times["head"] += time.perf_counter() - t1
@@ -244,6 +309,8 @@ class Trainer:
         acc = self.accelerator
         self.interrupt.install()
         self.resume()
+        if self.step == 0 and acc.is_main_process:  # a fresh start: an earlier run's best is not ours
+            (self.run_dir / "checkpoints" / BEST_FILE).unlink(missing_ok=True)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
@@ -258,15 +325,26 @@ class Trainer:
             elapsed = time.perf_counter() - window_start
             last["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
             last["epoch"] = self.step / self.steps_per_epoch
-            if self.step % self.recipe.training.log_every == 0 or self.step == self.total_steps:
+            evaluated = self._eval_due()
+            if evaluated:
+                t0 = time.perf_counter()
+                last.update(self.evaluate_tau())
+                window_start += time.perf_counter() - t0  # tokens/s counts training time only
+            if evaluated or self.step % self.recipe.training.log_every == 0 or self.step == self.total_steps:
                 acc.log(last, step=self.step)
                 window_tokens, window_start = 0, time.perf_counter()
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.3f}", acc_0=f"{last['acc_0']:.3f}",
                             tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
             stop = self._interrupt_requested()
+            saved = False
             if self.step % every == 0 or self.step == self.total_steps or stop:
                 self.save_checkpoint()
+                saved = True
+            if evaluated and last["eval_tau"] > self._best_tau():
+                if not saved:
+                    self.save_checkpoint()
+                self._record_best(last["eval_tau"])
             if stop:
                 bar.close()
                 if acc.is_main_process:
@@ -275,6 +353,44 @@ class Trainer:
         bar.close()
         acc.end_training()
         return last
+
+    # ---------------------------------------------------------------------------------- τ eval
+    def _eval_due(self) -> bool:
+        every = self.recipe.eval.every
+        return every is not None and (self.step % every == 0 or self.step == self.total_steps)
+
+    def evaluate_tau(self) -> dict[str, float]:
+        """τ of the head as it is now, by speculative decoding of the recipe's held-out prompts (section
+        `eval`); metrics `eval_tau` and `eval_accept_j` per draft position. Every rank runs the same
+        prompts with the same seed (a ZeRO-3 target needs every rank in each forward)."""
+        e = self.recipe.eval
+        if not hasattr(self, "_eval_prompts"):
+            self._eval_prompts = load_prompts(e.prompts, limit=e.num_prompts, skip=e.skip_prompts)
+        head = self.unwrapped_head()
+        was_training = head.training
+        try:
+            result = evaluate(self.target, self.tokenizer, drafter_for(head), self._eval_prompts,
+                              num_draft_tokens=e.num_draft_tokens, max_new_tokens=e.max_new_tokens,
+                              temperature=e.temperature, seed=self.recipe.run.seed)
+        finally:
+            head.train(was_training)
+        out = {"eval_tau": result.tau}
+        out.update({f"eval_accept_{j}": a for j, a in enumerate(result.acceptance)})
+        return out
+
+    def _best_tau(self) -> float:
+        best = best_checkpoint(self.run_dir)
+        return best["tau"] if best else float("-inf")
+
+    def _record_best(self, tau: float) -> None:
+        """checkpoints/best.json names the best checkpoint by τ: rotation keeps it and export picks it."""
+        if self.accelerator.is_main_process:
+            path = self.run_dir / "checkpoints" / BEST_FILE
+            record = {"checkpoint": f"{CHECKPOINT_PREFIX}{self.step:08d}", "step": self.step, "tau": tau}
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+            tmp.replace(path)
+        self.accelerator.wait_for_everyone()
 
     def _interrupt_requested(self) -> bool:
         """All ranks must agree to stop at the same step, or the next collective hangs."""
@@ -300,8 +416,10 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
+            best = best_checkpoint(self.run_dir)
             for old in checkpoint_names(self.run_dir)[: -self.recipe.training.keep_checkpoints]:
-                shutil.rmtree(final.parent / old)
+                if best is None or old != best["checkpoint"]:  # the best by τ is kept
+                    shutil.rmtree(final.parent / old)
         acc.wait_for_everyone()
         return final
 

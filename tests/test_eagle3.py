@@ -110,7 +110,7 @@ def test_ttt_step_zero_is_plain_next_next_token_prediction():
     """Step 0 of the unroll: position t reads (g_t, x_{t+1}) and is scored against the teacher at t+1,
     never across a conversation boundary; each later step counts one position fewer per conversation."""
     head, b = _head_and_batch()
-    out = head(**b, ttt_length=3)
+    out = head.unroll(**b, ttt_length=3)
     # Conversation of n tokens: predictions of x_{t+2+k} inside it give n-2-k positions.
     assert out.metrics.counts == [(9 - 2 - k) + (7 - 2 - k) for k in range(3)]
     # Recompute step 0 by hand with causal attention inside each conversation.
@@ -131,13 +131,13 @@ def test_ttt_step_zero_is_plain_next_next_token_prediction():
 
 def test_ttt_loss_is_decayed_sum_and_masks_apply():
     head, b = _head_and_batch()
-    out = head(**b, ttt_length=3, loss_decay=0.8)
+    out = head.unroll(**b, ttt_length=3, loss_decay=0.8)
     expected = sum(0.8**k * out.metrics.losses[k] for k in range(3))
     assert out.loss.item() == pytest.approx(float(expected), rel=1e-6)
     # Untrained tokens and teacher argmaxes outside the draft vocab remove positions.
     b["loss_mask"][0, 5] = 0
     b["teacher_in_draft"][0, 3] = False
-    masked = head(**b, ttt_length=1)
+    masked = head.unroll(**b, ttt_length=1)
     assert masked.metrics.counts == [out.metrics.counts[0] - 2]
     # Gradients reach every trained parameter but never the frozen embedding.
     out.loss.backward()

@@ -18,6 +18,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
+from eagle_online.heads.base import HeadOutput
 from eagle_online.losses import StepMetrics, accuracy, soft_cross_entropy
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -170,20 +171,16 @@ class Eagle3DecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-@dataclass
-class Eagle3Output:
-    """The TTT unroll's result: the weighted loss to backpropagate and per-step metrics."""
-
-    loss: torch.Tensor
-    metrics: StepMetrics
-
-
 class Eagle3Head(nn.Module):
-    """EAGLE-3 draft head: fc fusion of low‖mid‖high target features, one decoder layer, a draft lm_head."""
+    """EAGLE-3 draft head: fc fusion of low‖mid‖high target features, one decoder layer, a draft lm_head.
+    `ttt_length` and `loss_decay` are the training forward's unroll settings."""
 
-    def __init__(self, config: LlamaConfig):
+    LM_HEAD = "draft"  # its lm_head covers the draft vocabulary (initialised from the target's rows)
+
+    def __init__(self, config: LlamaConfig, ttt_length: int = 7, loss_decay: float = 0.8):
         super().__init__()
         self.config = config
+        self.ttt_length, self.loss_decay = ttt_length, loss_decay
         h = config.hidden_size
         target_h = getattr(config, "target_hidden_size", None) or h
         self.embed_tokens = nn.Embedding(config.vocab_size, h)
@@ -217,8 +214,13 @@ class Eagle3Head(nn.Module):
         """Draft-vocabulary logits of pre-norm outputs."""
         return self.lm_head(self.norm(hidden))
 
-    def forward(self, aux_hidden, input_ids, position_ids, loss_mask, teacher_logits, teacher_in_draft,
-                ttt_length: int, loss_decay: float = 0.8) -> Eagle3Output:
+    def forward(self, target, batch) -> HeadOutput:
+        """The training forward: the TTT unroll of `target` (a TargetOutput) over `batch` (a PackedBatch)."""
+        return self.unroll(target.aux_hidden, batch.input_ids, batch.position_ids, batch.loss_mask,
+                           target.teacher_logits, target.teacher_in_draft, self.ttt_length, self.loss_decay)
+
+    def unroll(self, aux_hidden, input_ids, position_ids, loss_mask, teacher_logits, teacher_in_draft,
+               ttt_length: int, loss_decay: float = 0.8) -> HeadOutput:
         """The TTT unroll over packed rows.
 
         Position t pairs the target feature g_t with embed(x_{t+1}) and learns the target's
@@ -253,7 +255,7 @@ class Eagle3Head(nn.Module):
             losses.append(step_loss.detach())
             accs.append(accuracy(logits.detach(), targets))
             counts.append(len(rows))
-        return Eagle3Output(loss=loss, metrics=StepMetrics(losses, accs, counts))
+        return HeadOutput(loss=loss, metrics=StepMetrics(losses, accs, counts))
 
     def trainable_parameters(self):
         """Everything but the frozen embedding."""

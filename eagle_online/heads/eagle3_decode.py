@@ -1,0 +1,69 @@
+"""The EAGLE-3 head at inference: KV-cached chain drafting with the trained modules of `Eagle3Head`.
+
+Kept apart from the TTT training code (heads/eagle3.py), which attends over whole packed rows; here
+one sequence grows a step at a time, as SGLang's and vLLM's EAGLE-3 workers run the same weights:
+
+- accepted positions: pair t reads fc(target aux features at t) and embed(token t+1), at RoPE
+  position t, and is committed to the cache;
+- chain step j: the head's own pre-norm output of the step before and the embedding of the token it
+  just proposed, one position further; it attends to the committed pairs and to the earlier chain
+  steps, which is exactly the TTT pattern it was trained with (step-0 keys causally plus its own chain).
+"""
+from __future__ import annotations
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from eagle_online.heads.base import Drafter, DraftStep, LayerKVCache, scatter_to_target
+from eagle_online.heads.eagle3 import Eagle3Head
+
+
+class Eagle3Drafter(Drafter):
+    """Chain drafting with an Eagle3Head (see the module docstring)."""
+
+    feature = "aux_hidden"
+
+    def __init__(self, head: Eagle3Head):
+        self.head = head.eval()
+        self.vocab_size = head.config.vocab_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = LayerKVCache()
+        self._last: torch.Tensor | None = None  # pre-norm output of the newest step
+
+    @torch.no_grad()
+    def _layer(self, hidden: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One pass of the decoder layer over m new positions: hidden [m, H], tokens/positions [m]."""
+        head, layer = self.head, self.head.midlayer
+        attn = layer.self_attn
+        dtype = head.fc.weight.dtype
+        hidden = hidden.to(dtype)
+        embeds = head.embed_tokens(tokens).to(dtype)
+        x = torch.cat([layer.input_layernorm(embeds), layer.hidden_norm(hidden)], dim=-1)
+        m = x.shape[0]
+        q = attn.q_proj(x).view(m, attn.num_heads, attn.head_dim).transpose(0, 1)
+        k = attn.k_proj(x).view(m, attn.num_kv_heads, attn.head_dim).transpose(0, 1)
+        v = attn.v_proj(x).view(m, attn.num_kv_heads, attn.head_dim).transpose(0, 1)
+        cos, sin = head.rotary_emb(x[None], positions[None])
+        q, k = apply_rotary_pos_emb(q[None], k[None], cos, sin)
+        out = hidden + attn.o_proj(self.cache.attend(q[0].to(dtype), k[0].to(dtype), v))
+        return out + layer.mlp(layer.post_attention_layernorm(out))
+
+    def _propose(self) -> DraftStep:
+        logits = self.head.logits(self._last[-1:]).float()[0]
+        return DraftStep(logits=scatter_to_target(logits, self.head.d2t, self.vocab_size))
+
+    @torch.no_grad()
+    def extend(self, features, tokens, positions) -> DraftStep:
+        self.cache.rollback()
+        self._last = self._layer(self.head.fc(features.to(self.head.fc.weight.dtype)), tokens, positions)
+        self.cache.commit()
+        return self._propose()
+
+    @torch.no_grad()
+    def chain(self, token: int, position: int) -> DraftStep:
+        device = self._last.device
+        self._last = self._layer(self._last[-1:], torch.tensor([token], device=device),
+                                 torch.tensor([position], device=device))
+        return self._propose()
