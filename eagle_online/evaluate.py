@@ -18,7 +18,6 @@ vocabulary is handled by the drafter: q lives on the draft tokens mapped through
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -85,19 +84,12 @@ def load_prompts(path: str, limit: int | None = None, skip: int = 0) -> list[Eva
             if limit and len(out) >= limit:
                 break
         return out
+    from eagle_online.data.sources import _iter_jsonl
+
     file = Path(path)
     if not file.is_file():
         raise DataError(f"no prompts file {path}")
-    out = []
-    for line_no, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_no}: not valid JSON: {e}") from None
-        out.append(_prompt_from_record(record, f"{path}:{line_no}"))
-    out = out[skip:]
+    out = [_prompt_from_record(record, where) for where, record in _iter_jsonl(file)][skip:]
     if limit:
         out = out[:limit]
     if not out:

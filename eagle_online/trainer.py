@@ -255,7 +255,10 @@ class Trainer:
         batches = self._epoch_micro_batches(epoch)
         rank = self.accelerator.process_index
         first = index * ga
-        return [batches[(first + m) * self.world + rank] for m in range(ga)]
+        # steps_per_epoch comes from epoch 0's packing; another epoch's shuffle can pack into a micro-batch
+        # or two fewer (measured: the tiny recipe's epoch 4 packs 102 rows, epoch 0 103), so its last
+        # step wraps to the epoch's first micro-batches instead of indexing past the end.
+        return [batches[((first + m) * self.world + rank) % len(batches)] for m in range(ga)]
 
     # ------------------------------------------------------------------------------------ loop
     def train_step(self, batches: list[PackedBatch]) -> dict[str, float]:

@@ -104,6 +104,40 @@ class Drafter:
         raise NotImplementedError
 
 
+class LayerDrafter(Drafter):
+    """A drafter for heads with one KV-cached decoder layer (EAGLE-3, EAGLE-1/2): accepted pairs are
+    committed to the cache; a chain step feeds the layer its own newest output and the token just
+    proposed, uncommitted. Subclasses give `_layer` (new positions through the layer, appending to
+    `self.cache`), `_propose` (the proposal from `self._last`) and, if the feature needs one, `_fuse`."""
+
+    def reset(self) -> None:
+        self.cache = LayerKVCache()
+        self._last: torch.Tensor | None = None  # the layer's output at the newest position(s)
+
+    def _fuse(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def _layer(self, hidden: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _propose(self) -> DraftStep:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def extend(self, features, tokens, positions) -> DraftStep:
+        self.cache.rollback()
+        self._last = self._layer(self._fuse(features), tokens, positions)
+        self.cache.commit()
+        return self._propose()
+
+    @torch.no_grad()
+    def chain(self, token: int, position: int) -> DraftStep:
+        device = self._last.device
+        self._last = self._layer(self._last[-1:], torch.tensor([token], device=device),
+                                 torch.tensor([position], device=device))
+        return self._propose()
+
+
 def scatter_to_target(draft_logits: torch.Tensor, d2t: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Draft-vocabulary logits [..., Vd] as target-vocabulary logits [..., V], −inf outside the draft
     vocabulary (so its softmax is the draft distribution mapped through d2t)."""

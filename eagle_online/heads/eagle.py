@@ -25,7 +25,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from eagle_online.heads.base import Drafter, DraftStep, HeadOutput, LayerKVCache, draft_ids, frozen_copy
+from eagle_online.heads.base import DraftStep, HeadOutput, LayerDrafter, draft_ids, frozen_copy
 from eagle_online.heads.eagle3 import DocumentLayout, eagle3_config, shift_left
 from eagle_online.losses import StepMetrics, accuracy, soft_cross_entropy
 
@@ -173,7 +173,7 @@ class EagleHead(nn.Module):
                                                          [len(rows)]))
 
 
-class EagleDrafter(Drafter):
+class EagleDrafter(LayerDrafter):
     """KV-cached chain drafting with an EagleHead: accepted pairs read the target's post-norm feature,
     chain steps the head's own prediction; logits through the target's full lm_head."""
 
@@ -182,10 +182,6 @@ class EagleDrafter(Drafter):
     def __init__(self, head: EagleHead):
         self.head = head.eval()
         self.reset()
-
-    def reset(self) -> None:
-        self.cache = LayerKVCache()
-        self._last: torch.Tensor | None = None
 
     @torch.no_grad()
     def _layer(self, features, tokens, positions) -> torch.Tensor:
@@ -199,17 +195,3 @@ class EagleDrafter(Drafter):
 
     def _propose(self) -> DraftStep:
         return DraftStep(logits=(self._last[-1] @ self.head.lm_head.weight.T).float())
-
-    @torch.no_grad()
-    def extend(self, features, tokens, positions) -> DraftStep:
-        self.cache.rollback()
-        self._last = self._layer(features, tokens, positions)
-        self.cache.commit()
-        return self._propose()
-
-    @torch.no_grad()
-    def chain(self, token: int, position: int) -> DraftStep:
-        device = self._last.device
-        self._last = self._layer(self._last[-1:], torch.tensor([token], device=device),
-                                 torch.tensor([position], device=device))
-        return self._propose()

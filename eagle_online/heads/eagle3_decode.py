@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from eagle_online.heads.base import Drafter, DraftStep, LayerKVCache, scatter_to_target
+from eagle_online.heads.base import DraftStep, LayerDrafter, scatter_to_target
 from eagle_online.heads.eagle3 import Eagle3Head
 
 
-class Eagle3Drafter(Drafter):
+class Eagle3Drafter(LayerDrafter):
     """Chain drafting with an Eagle3Head (see the module docstring)."""
 
     feature = "aux_hidden"
@@ -28,9 +28,8 @@ class Eagle3Drafter(Drafter):
         self.vocab_size = head.config.vocab_size
         self.reset()
 
-    def reset(self) -> None:
-        self.cache = LayerKVCache()
-        self._last: torch.Tensor | None = None  # pre-norm output of the newest step
+    def _fuse(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head.fc(features.to(self.head.fc.weight.dtype))
 
     @torch.no_grad()
     def _layer(self, hidden: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -53,17 +52,3 @@ class Eagle3Drafter(Drafter):
     def _propose(self) -> DraftStep:
         logits = self.head.logits(self._last[-1:]).float()[0]
         return DraftStep(logits=scatter_to_target(logits, self.head.d2t, self.vocab_size))
-
-    @torch.no_grad()
-    def extend(self, features, tokens, positions) -> DraftStep:
-        self.cache.rollback()
-        self._last = self._layer(self.head.fc(features.to(self.head.fc.weight.dtype)), tokens, positions)
-        self.cache.commit()
-        return self._propose()
-
-    @torch.no_grad()
-    def chain(self, token: int, position: int) -> DraftStep:
-        device = self._last.device
-        self._last = self._layer(self._last[-1:], torch.tensor([token], device=device),
-                                 torch.tensor([position], device=device))
-        return self._propose()
