@@ -153,7 +153,7 @@ def accept_drafts(drafts: list[int], draft_logits: list[torch.Tensor], target_lo
             continue
         p = torch.softmax(target_logits[j].double() / temperature, -1)
         q = torch.softmax(draft_logits[j].double() / temperature, -1)
-        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+        u = float(torch.rand((), generator=gen, dtype=torch.float64, device=p.device))
         if u * q[d] < p[d]:  # u < p/q without dividing by a tiny q
             continue
         residual = (p - q).clamp_min(0)
@@ -183,8 +183,9 @@ def speculative_generate(target: FrozenTarget, drafter: Drafter, prompt_ids: lis
         length = n + len(out)  # L: the target cache holds L-1 tokens
         drafts, draft_logits = [], []
         for j in range(k):
-            drafts.append(_sample(proposal.logits, temperature, gen))
-            draft_logits.append(proposal.logits)
+            logits = proposal.logits.to(device)  # a CPU-side baseline drafter may propose on the CPU
+            drafts.append(_sample(logits, temperature, gen))
+            draft_logits.append(logits)
             if j < k - 1:
                 proposal = drafter.chain(drafts[-1], length - 1 + j)
         verify = cached.forward([out[-1]] + drafts, length - 1)
