@@ -273,13 +273,24 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     """A transformers attention function: causal attention inside each packed conversation, no mask.
 
     query [B, H, T, d], key/value [B, kv_heads, T, d]; returns ([B, T, H, d], None). Inference only
-    (the target is frozen); padding masks are not supported (rows are packed, never padded).
+    (the target is frozen); padding masks are not supported (rows are packed, never padded). With a KV
+    cache (keys longer than queries: speculative decoding's verification, one sequence) it is plain
+    causal attention over the cache.
     """
     if attention_mask is not None:
         raise ValueError("varlen attention reads conversation boundaries from position_ids, not an attention mask")
     if getattr(module, "sliding_window", None) or kwargs.get("sliding_window"):
         raise ValueError("varlen attention has no sliding window: use attn_implementation sdpa or flash_attention_2")
     b, h, t, d = query.shape
+    scale = scaling if scaling is not None else d**-0.5
+    if key.shape[2] != t:  # a KV cache: decoding one sequence, whose new queries are its last t positions
+        if b != 1:
+            raise ValueError("varlen attention decodes one sequence at a time with a KV cache")
+        total, groups = key.shape[2], h // key.shape[1]
+        mask = torch.ones(t, total, dtype=torch.bool, device=query.device).tril(total - t)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=mask, scale=scale)
+        return out.transpose(1, 2), None
     layout, cu = kwargs.get("document_layout"), kwargs.get("cu_seq_lens_q")
     if layout is not None:
         pass
@@ -291,7 +302,6 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
             positions = torch.arange(t, device=query.device).expand(b, t)
         layout = DocumentLayout.from_position_ids(positions.expand(b, t))
     q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
-    scale = scaling if scaling is not None else d**-0.5
     out, _ = pick_kernel(q).forward(q, k, v, layout, scale)
     return out.view(b, t, h, d), None
 

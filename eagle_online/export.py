@@ -19,7 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
+from eagle_online.heads import HEADS, architecture_of
+from eagle_online.heads.eagle import ARCHITECTURE as EAGLE
+from eagle_online.heads.eagle import VLLM_ARCHITECTURE as EAGLE_VLLM
+from eagle_online.heads.eagle import EagleHead
 from eagle_online.heads.eagle3 import ARCHITECTURE, Eagle3Head
+from eagle_online.heads.mlp import ARCHITECTURE as MLP
+from eagle_online.heads.mlp import MLPHead
 from eagle_online.target import default_aux_layer_ids
 
 CONFIG_NAME = "config.json"
@@ -44,6 +50,21 @@ REQUIRED_TENSORS: dict[str, tuple[str, ...]] = {
     "d2t": ("Vd",),
     "t2d": ("V",),
 }
+# EAGLE-1/2 (LlamaForCausalLMEagle / EagleLlamaForCausalLM): layer 0 without input_layernorm, fc over
+# cat(embed, feature), no norm and no lm_head (both engines use the target's lm_head and embedding).
+# `fc.bias` is written when the head has one (EAGLE_OPTIONAL).
+EAGLE_TENSORS: dict[str, tuple[str, ...]] = {
+    "fc.weight": ("H", "2*H"),
+    "layers.0.self_attn.q_proj.weight": ("A", "H"),
+    "layers.0.self_attn.k_proj.weight": ("KV", "H"),
+    "layers.0.self_attn.v_proj.weight": ("KV", "H"),
+    "layers.0.self_attn.o_proj.weight": ("H", "A"),
+    "layers.0.post_attention_layernorm.weight": ("H",),
+    "layers.0.mlp.gate_proj.weight": ("I", "H"),
+    "layers.0.mlp.up_proj.weight": ("I", "H"),
+    "layers.0.mlp.down_proj.weight": ("H", "I"),
+}
+EAGLE_OPTIONAL = {"fc.bias": ("H",)}
 # Both engines take the target's embedding (vLLM would keep a checkpoint's copy if it differed), so an
 # export omits it; a checkpoint being loaded may carry it.
 EMBED_NAME = "embed_tokens.weight"
@@ -58,8 +79,9 @@ class ExportError(ValueError):
     """A checkpoint that would not serve correctly (wrong names, shapes, dtypes, layer ids) or cannot be read."""
 
 
-def expected_shapes(config) -> dict[str, tuple[int, ...]]:
-    """REQUIRED_TENSORS (plus the optional embedding) with the config's dimensions filled in."""
+def expected_shapes(config, table: Mapping[str, tuple[str, ...]] = REQUIRED_TENSORS) -> dict[str, tuple[int, ...]]:
+    """A tensor table (REQUIRED_TENSORS by default, plus the optional embedding) with the config's
+    dimensions filled in."""
     h = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -70,24 +92,27 @@ def expected_shapes(config) -> dict[str, tuple[int, ...]]:
         "KV": kv_heads * head_dim,
         "I": config.intermediate_size,
         "V": config.vocab_size,
-        "Vd": config.draft_vocab_size,
+        "Vd": getattr(config, "draft_vocab_size", None),
     }
 
     def dim(expr: str) -> int:
         factor, _, symbol = expr.rpartition("*")
         return int(factor or 1) * dims[symbol]
 
-    shapes = {name: tuple(dim(e) for e in rule) for name, rule in REQUIRED_TENSORS.items()}
+    shapes = {name: tuple(dim(e) for e in rule) for name, rule in table.items()}
     shapes[EMBED_NAME] = tuple(dim(e) for e in EMBED_SHAPE)
     return shapes
 
 
-def check_tensors(tensors: Mapping[str, torch.Tensor], config, *, allow_embed: bool) -> None:
-    """Raise ExportError naming every missing, unexpected, mis-shaped or mis-typed tensor, and checking
-    that d2t and t2d describe the same draft vocabulary."""
-    shapes = expected_shapes(config)
-    allowed = set(REQUIRED_TENSORS) | ({EMBED_NAME} if allow_embed else set())
-    problems = [f"missing tensor {name}" for name in REQUIRED_TENSORS if name not in tensors]
+def check_tensors(tensors: Mapping[str, torch.Tensor], config, *, allow_embed: bool,
+                  required: Mapping[str, tuple[str, ...]] = REQUIRED_TENSORS,
+                  optional: Mapping[str, tuple[str, ...]] | None = None) -> None:
+    """Raise ExportError naming every missing, unexpected, mis-shaped or mis-typed tensor of a table
+    (EAGLE-3's by default), and checking that d2t and t2d describe the same draft vocabulary."""
+    optional = dict(optional or {})
+    shapes = expected_shapes(config, {**required, **optional})
+    allowed = set(required) | set(optional) | ({EMBED_NAME} if allow_embed else set())
+    problems = [f"missing tensor {name}" for name in required if name not in tensors]
     problems += [f"unexpected tensor {name}" for name in tensors if name not in allowed]
     for name, t in tensors.items():
         if name not in allowed:
@@ -101,7 +126,8 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], config, *, allow_embed: b
             problems.append(f"tensor {name} has dtype {t.dtype}, expected a floating-point dtype")
     if problems:
         raise ExportError("; ".join(problems))
-    _check_vocab_maps(tensors["d2t"], tensors["t2d"])
+    if "d2t" in required:
+        _check_vocab_maps(tensors["d2t"], tensors["t2d"])
 
 
 def _check_vocab_maps(d2t: torch.Tensor, t2d: torch.Tensor) -> None:
@@ -203,15 +229,67 @@ def export_eagle3(head: Eagle3Head, out_dir, aux_layer_ids: list[int], target_nu
     return out
 
 
+def export_eagle(head: EagleHead, out_dir) -> Path:
+    """Write an EAGLE-1/2 draft both engines load (module docstring of heads/eagle.py): config.json
+    naming both engines' architectures and the layer-0 tensors, without embedding or lm_head."""
+    state = head.state_dict()
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()
+               if name not in (EMBED_NAME, "lm_head.weight")}
+    check_tensors(tensors, head.config, allow_embed=False, required=EAGLE_TENSORS, optional=EAGLE_OPTIONAL)
+    config = head.config.to_dict()
+    config.update(
+        architectures=[EAGLE, EAGLE_VLLM],
+        num_hidden_layers=1,
+        tie_word_embeddings=False,  # SGLang would read its lm_head from the embedding
+        eagle_fc_bias="fc.bias" in tensors,
+        dtype=str(tensors["fc.weight"].dtype).removeprefix("torch."),
+    )
+    # No `bias` key: vLLM's Llama layers read it as attention_bias.
+    config.pop("bias", None)
+    _add_legacy_rope(config)
+    return _write_export(out_dir, config, tensors)
+
+
+def export_mlp(head: MLPHead, out_dir) -> Path:
+    """Write the MLP baseline in our own layout (no engine serves it): config.json, and the blocks,
+    draft-vocabulary lm_head rows and vocab maps, without the embedding."""
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in head.state_dict().items() if name != EMBED_NAME}
+    config = head.config.to_dict()
+    config["dtype"] = str(tensors["lm_head.weight"].dtype).removeprefix("torch.")
+    return _write_export(out_dir, config, tensors)
+
+
+def export_head(head, out_dir, aux_layer_ids: list[int], target_num_layers: int) -> Path:
+    """Export any registered head in its serving layout (the layer ids matter to EAGLE-3 only)."""
+    if isinstance(head, Eagle3Head):
+        return export_eagle3(head, out_dir, aux_layer_ids, target_num_layers)
+    if isinstance(head, EagleHead):
+        return export_eagle(head, out_dir)
+    if isinstance(head, MLPHead):
+        return export_mlp(head, out_dir)
+    raise ExportError(f"no exporter for {type(head).__name__}")
+
+
+def _write_export(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    out = Path(out_dir).resolve()
+    _write_atomically(out, write)
+    return out
+
+
 def _is_replaceable(path: Path) -> bool:
-    """Only an empty directory or an earlier EAGLE-3 export may be replaced (never, say, the target's own
+    """Only an empty directory or an earlier draft export may be replaced (never, say, the target's own
     model directory given by mistake)."""
     if not path.is_dir():
         return False
     if not any(path.iterdir()):
         return True
     try:
-        return ARCHITECTURE in json.loads((path / CONFIG_NAME).read_text()).get("architectures", [])
+        names = json.loads((path / CONFIG_NAME).read_text()).get("architectures", [])
+        return any(name in HEADS or name == EAGLE_VLLM for name in names)
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -219,7 +297,7 @@ def _is_replaceable(path: Path) -> bool:
 def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
     """Fill a temporary sibling of `out`, then rename it into place, replacing `out` only after."""
     if out.exists() and not _is_replaceable(out):
-        raise ExportError(f"refusing to replace {out}: it is neither empty nor an EAGLE-3 export")
+        raise ExportError(f"refusing to replace {out}: it is neither empty nor a draft export")
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = out.with_name(f".{out.name}.tmp-{tag}")
@@ -245,21 +323,39 @@ def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
 
 
 def read_tensors(path) -> dict[str, torch.Tensor]:
-    """A checkpoint directory's tensors on CPU: model.safetensors, a sharded safetensors index, or
-    pytorch_model.bin (as the original EAGLE-3 releases ship). vLLM's `layers.0.` becomes `midlayer.`."""
+    """A checkpoint directory's tensors on CPU, names as stored: model.safetensors, a sharded safetensors
+    index, or pytorch_model.bin (as the original EAGLE releases ship)."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if (path / WEIGHTS_NAME).exists():
-        tensors = load_file(str(path / WEIGHTS_NAME))
-    elif index.exists():
+        return load_file(str(path / WEIGHTS_NAME))
+    if index.exists():
         tensors = {}
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
             tensors.update(load_file(str(path / shard)))
-    elif (path / "pytorch_model.bin").exists():
-        tensors = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise ExportError(f"no {WEIGHTS_NAME}, sharded safetensors or pytorch_model.bin in {path}")
-    return {("midlayer." + k[len("layers.0."):] if k.startswith("layers.0.") else k): v for k, v in tensors.items()}
+        return tensors
+    if (path / "pytorch_model.bin").exists():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ExportError(f"no {WEIGHTS_NAME}, sharded safetensors or pytorch_model.bin in {path}")
+
+
+def _with_embedding(tensors: dict, shape: tuple[int, ...], dtype: torch.dtype, name: str,
+                    weight: torch.Tensor | None, what: str) -> None:
+    """Put the target's `weight` under `name` when the checkpoint lacks it (checked against `shape`)."""
+    if name in tensors:
+        return
+    if weight is None:
+        raise ExportError(f"the checkpoint has no {name}: pass the target's {what}")
+    if tuple(weight.shape) != tuple(shape):
+        raise ExportError(f"the target's {what} has shape {list(weight.shape)}, expected {list(shape)}")
+    tensors[name] = weight.detach().to("cpu", dtype)
+
+
+def _load_state(head: torch.nn.Module, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype):
+    for p in head.parameters():  # parameters only: RoPE's inv_freq buffer stays fp32
+        p.data = p.data.to(dtype)
+    head.load_state_dict(dict(tensors), strict=True)
+    return head
 
 
 def head_from_tensors(config, tensors: Mapping[str, torch.Tensor], embed_weight: torch.Tensor | None = None):
@@ -268,33 +364,129 @@ def head_from_tensors(config, tensors: Mapping[str, torch.Tensor], embed_weight:
     check_tensors(tensors, config, allow_embed=True)
     tensors = dict(tensors)
     dtype = tensors["fc.weight"].dtype
-    if EMBED_NAME not in tensors:
-        if embed_weight is None:
-            raise ExportError(f"the checkpoint has no {EMBED_NAME}: pass the target's embedding as embed_weight")
-        want = expected_shapes(config)[EMBED_NAME]
-        if tuple(embed_weight.shape) != want:
-            raise ExportError(f"embed_weight has shape {list(embed_weight.shape)}, expected {list(want)}")
-        tensors[EMBED_NAME] = embed_weight.detach().to("cpu", dtype)
-    head = Eagle3Head(config)
-    for p in head.parameters():  # parameters only: RoPE's inv_freq buffer stays fp32
-        p.data = p.data.to(dtype)
-    head.load_state_dict(tensors, strict=True)
-    return head
+    _with_embedding(tensors, expected_shapes(config)[EMBED_NAME], dtype, EMBED_NAME, embed_weight, "embedding")
+    return _load_state(Eagle3Head(config), tensors, dtype)
+
+
+def _read_config(path: Path) -> dict:
+    if not (path / CONFIG_NAME).exists():
+        raise ExportError(f"no {CONFIG_NAME} in {path}")
+    try:
+        return json.loads((path / CONFIG_NAME).read_text())
+    except ValueError as e:
+        raise ExportError(f"{path / CONFIG_NAME}: not valid JSON: {e}") from None
+
+
+def _speculators_eagle3_config(raw: dict, where: Path) -> LlamaConfig:
+    """The LlamaConfig of a vLLM speculators EAGLE-3 config.json (`speculators_model_type: eagle3`, the
+    layer's fields nested under `transformer_layer_config`; speculators/models/eagle3 config.py)."""
+    layer = raw.get("transformer_layer_config")
+    if not isinstance(layer, dict):
+        raise ExportError(f"{where}: a speculators config needs a `transformer_layer_config` mapping")
+    if raw.get("norm_before_residual", False):
+        raise ExportError(f"{where}: norm_before_residual is true; this head implements the original EAGLE-3 "
+                          "layer (hidden_norm after the residual is taken) only")
+    fields = {k: v for k, v in layer.items() if k not in ("architectures", "model_type", "transformers_version")}
+    config = LlamaConfig(**fields)
+    config.architectures = [ARCHITECTURE]
+    config.num_hidden_layers = 1
+    config.draft_vocab_size = raw.get("draft_vocab_size")
+    config.target_hidden_size = raw.get("target_hidden_size") or config.hidden_size
+    config.norm_before_residual = False
+    config.tie_word_embeddings = False
+    if raw.get(_ID_KEY):  # vLLM's convention: captured as given, like ours
+        config.eagle_aux_hidden_state_layer_ids = list(raw[_ID_KEY])
+    return config
+
+
+def _eagle3_layer_ids(config) -> None:
+    """Normalise a loaded config's explicit aux layer ids to ours (HF hidden_states index) at the top
+    level: vLLM reads the top-level field as given, SGLang reads `eagle_config`'s and adds one."""
+    top = getattr(config, _ID_KEY, None)
+    nested = (getattr(config, "eagle_config", None) or {}).get(_ID_KEY)
+    if not top and nested:
+        config.eagle_aux_hidden_state_layer_ids = [int(i) + 1 for i in nested]
+
+
+def aux_layer_ids_of(config) -> list[int] | None:
+    """The explicit aux layer ids a loaded EAGLE-3 head was trained with (None: the defaults)."""
+    ids = getattr(config, _ID_KEY, None)
+    return [int(i) for i in ids] if ids else None
 
 
 def load_eagle3(path, embed_weight: torch.Tensor | None = None) -> Eagle3Head:
-    """Load an exported (or another trainer's) EAGLE-3 directory, config.json plus weights, into an
-    Eagle3Head; embed_tokens comes from `embed_weight` (the target's) when the checkpoint has none."""
+    """Load an EAGLE-3 draft directory into an Eagle3Head: our export, the official EAGLE-3 releases
+    (config.json + pytorch_model.bin, `midlayer.*`), SpecForge/SGLang (model.safetensors with
+    embed_tokens) or vLLM speculators (`speculators_model_type: eagle3`, `layers.0.*`). embed_tokens
+    comes from `embed_weight` (the target's) when the checkpoint has none."""
     path = Path(path)
-    if not (path / CONFIG_NAME).exists():
-        raise ExportError(f"no {CONFIG_NAME} in {path}")
-    config = LlamaConfig.from_json_file(str(path / CONFIG_NAME))
-    architectures = getattr(config, "architectures", None) or []
-    if ARCHITECTURE not in architectures:
-        raise ExportError(f"{path / CONFIG_NAME} has architectures {architectures}, expected [{ARCHITECTURE!r}]")
+    raw = _read_config(path)
+    if raw.get("speculators_model_type") is not None:
+        if raw["speculators_model_type"] != "eagle3":
+            raise ExportError(f"{path / CONFIG_NAME}: speculators_model_type {raw['speculators_model_type']!r}, "
+                              "only eagle3 is read")
+        config = _speculators_eagle3_config(raw, path / CONFIG_NAME)
+    else:
+        config = LlamaConfig.from_dict(raw)
+        architectures = getattr(config, "architectures", None) or []
+        if ARCHITECTURE not in architectures:
+            raise ExportError(f"{path / CONFIG_NAME} has architectures {architectures}, expected [{ARCHITECTURE!r}]")
+        _eagle3_layer_ids(config)
     if getattr(config, "draft_vocab_size", None) is None:
         raise ExportError(f"{path / CONFIG_NAME} has no draft_vocab_size")
-    return head_from_tensors(config, read_tensors(path), embed_weight)
+    # vLLM-side writers (speculators) name the layer `layers.0.`; SGLang and EAGLE write `midlayer.`.
+    tensors = {("midlayer." + k[len("layers.0."):] if k.startswith("layers.0.") else k): v
+               for k, v in read_tensors(path).items()}
+    bias = tensors.pop("fc.bias", None)
+    if bias is not None and bool(bias.any()):
+        raise ExportError(f"{path}: fc.bias is non-zero; EAGLE-3 as SGLang and vLLM serve it has no fc bias")
+    return head_from_tensors(config, tensors, embed_weight)
+
+
+def load_eagle(path, embed_weight: torch.Tensor | None = None, lm_head_weight: torch.Tensor | None = None) -> EagleHead:
+    """Load an EAGLE-1/2 draft directory (ours, SGLang's LlamaForCausalLMEagle, vLLM's EagleLlamaForCausalLM
+    or an official EAGLE release) into an EagleHead; embedding and lm_head are the target's unless the
+    checkpoint carries them."""
+    path = Path(path)
+    config = LlamaConfig.from_dict(_read_config(path))
+    tensors = dict(read_tensors(path))
+    config.eagle_fc_bias = "fc.bias" in tensors
+    lm_shape = (config.vocab_size, config.hidden_size)
+    check_tensors({k: v for k, v in tensors.items() if k != "lm_head.weight"}, config, allow_embed=True,
+                  required=EAGLE_TENSORS, optional=EAGLE_OPTIONAL)
+    dtype = tensors["fc.weight"].dtype
+    _with_embedding(tensors, lm_shape, dtype, EMBED_NAME, embed_weight, "embedding")
+    _with_embedding(tensors, lm_shape, dtype, "lm_head.weight", lm_head_weight, "lm_head")
+    config.architectures = [EAGLE, EAGLE_VLLM]
+    return _load_state(EagleHead(config), tensors, dtype)
+
+
+def load_mlp(path, embed_weight: torch.Tensor | None = None) -> MLPHead:
+    """Load the MLP baseline's export; the embedding is the target's."""
+    path = Path(path)
+    config = LlamaConfig.from_dict(_read_config(path))
+    tensors = dict(read_tensors(path))
+    dtype = tensors["lm_head.weight"].dtype
+    _with_embedding(tensors, (config.vocab_size, config.hidden_size), dtype, EMBED_NAME, embed_weight, "embedding")
+    return _load_state(MLPHead(config), tensors, dtype)
+
+
+def load_draft(path, embed_weight: torch.Tensor | None = None, lm_head_weight: torch.Tensor | None = None):
+    """Load any draft directory this project reads, choosing by its config.json: EAGLE-3 in our, the
+    official, SpecForge's or vLLM speculators' layout; EAGLE-1/2; or the MLP baseline."""
+    path = Path(path)
+    raw = _read_config(path)
+    if raw.get("speculators_model_type") is not None:
+        return load_eagle3(path, embed_weight)
+    names = raw.get("architectures") or []
+    if ARCHITECTURE in names:
+        return load_eagle3(path, embed_weight)
+    if EAGLE in names or EAGLE_VLLM in names:
+        return load_eagle(path, embed_weight, lm_head_weight)
+    if MLP in names:
+        return load_mlp(path, embed_weight)
+    raise ExportError(f"{path / CONFIG_NAME} has architectures {names}: not a draft this project reads "
+                      f"(known: {sorted(HEADS)}, or a speculators eagle3 config)")
 
 
 def checkpoint_names(run_dir) -> list[str]:
@@ -305,10 +497,24 @@ def checkpoint_names(run_dir) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and "." not in p.name and (p / WEIGHTS_NAME).exists())
 
 
-def export_run(run_dir, checkpoint: str | None = None, out=None) -> Path:
-    """Export a training run's checkpoint (default: the newest) to `out` (default: RUN_DIR/export).
+BEST_FILE = "best.json"
 
-    The run directory holds draft_config.json (the head's LlamaConfig), run_info.json
+
+def best_checkpoint(run_dir) -> dict | None:
+    """The run's best checkpoint by τ, as training recorded it ({"checkpoint", "step", "tau"}), if it
+    still exists."""
+    path = Path(run_dir) / "checkpoints" / BEST_FILE
+    if not path.exists():
+        return None
+    best = json.loads(path.read_text())
+    return best if best.get("checkpoint") in checkpoint_names(run_dir) else None
+
+
+def export_run(run_dir, checkpoint: str | None = None, out=None) -> Path:
+    """Export a training run's checkpoint to `out` (default: RUN_DIR/export). Without `checkpoint`, the
+    best one by τ when training evaluated τ (checkpoints/best.json), else the newest.
+
+    The run directory holds draft_config.json (the head's config), run_info.json
     ({"aux_layer_ids", "target_num_layers"}) and checkpoints/<name>/model.safetensors (the head's
     state_dict)."""
     run_dir = Path(run_dir)
@@ -319,12 +525,17 @@ def export_run(run_dir, checkpoint: str | None = None, out=None) -> Path:
     if checkpoint is None:
         if not names:
             raise ExportError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
-        checkpoint = names[-1]
+        best = best_checkpoint(run_dir)
+        checkpoint = best["checkpoint"] if best else names[-1]
     elif checkpoint not in names:
         raise ExportError(f"no complete checkpoint {checkpoint!r} under {run_dir / 'checkpoints'}; found {names}")
     config = LlamaConfig.from_json_file(str(run_dir / "draft_config.json"))
     info = json.loads((run_dir / "run_info.json").read_text())
-    head = head_from_tensors(config, load_file(str(run_dir / "checkpoints" / checkpoint / WEIGHTS_NAME)))
-    return export_eagle3(
-        head, out if out is not None else run_dir / "export", info["aux_layer_ids"], info["target_num_layers"]
-    )
+    tensors = load_file(str(run_dir / "checkpoints" / checkpoint / WEIGHTS_NAME))
+    architecture = architecture_of(config)
+    if architecture == ARCHITECTURE:
+        head = head_from_tensors(config, tensors)
+    else:
+        head = _load_state(HEADS[architecture].head(config), tensors, tensors[EMBED_NAME].dtype)
+    return export_head(head, out if out is not None else run_dir / "export", info["aux_layer_ids"],
+                       info["target_num_layers"])

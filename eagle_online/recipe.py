@@ -75,13 +75,39 @@ class TargetConfig(_Section):
 class DraftConfig(_Section):
     """The draft head."""
 
-    architecture: Literal["LlamaForCausalLMEagle3"] = "LlamaForCausalLMEagle3"
+    architecture: Literal["LlamaForCausalLMEagle3", "LlamaForCausalLMEagle", "EagleOnlineMLPDraft"] = Field(
+        "LlamaForCausalLMEagle3", description="EAGLE-3, EAGLE-1/2 (LlamaForCausalLMEagle) or the MLP baseline"
+    )
     draft_vocab_size: int = Field(32000, gt=0)
-    ttt_length: int = Field(7, ge=1, description="training-time-test unroll steps")
-    loss_decay: float = Field(0.8, gt=0, le=1, description="step k's loss is weighted decay**k")
+    ttt_length: int = Field(7, ge=1, description="training-time-test unroll steps (EAGLE-3)")
+    loss_decay: float = Field(0.8, gt=0, le=1, description="step k's loss is weighted decay**k (EAGLE-3)")
     init_lm_head_from_target: bool = True
     compile: bool = Field(False, description="torch.compile the head's decoder layer (worth it on GPU; minutes of "
                           "compilation on CPU)")
+    normalize_feature_scale: bool = Field(
+        True, description="EAGLE-3: divide fc's init and lr by the aux features' RMS (trainer._feature_scale)"
+    )
+    fc_bias: bool = Field(True, description="EAGLE-1/2: fc with a bias (SGLang loads it; vLLM's fc has none)")
+    feature_noise: float = Field(0.1, ge=0, description="EAGLE-1/2: uniform noise half-width on features")
+    mlp_blocks: int = Field(3, ge=1, description="MLP baseline: (Linear, ReLU, LayerNorm) blocks")
+    init_from: str | None = Field(
+        default=None,
+        description="an existing draft directory (ours, official EAGLE-3, SpecForge or vLLM speculators) to "
+        "continue training from; its vocabulary map replaces counting one",
+    )
+
+
+class EvalConfig(_Section):
+    """τ by speculative decoding on held-out prompts during training (eagle_online.evaluate)."""
+
+    every: int | None = Field(default=None, gt=0, description="optimizer steps between evaluations; none: never")
+    prompts: str = Field("builtin:sharegpt", description="JSONL (MT-bench `turns`, `prompt` or `messages`) or "
+                         "builtin:sharegpt")
+    skip_prompts: int = Field(0, ge=0, description="records skipped first (keep the prompts out of training data)")
+    num_prompts: int = Field(8, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    num_draft_tokens: int = Field(4, gt=0, description="k: tokens drafted per target forward")
+    temperature: float = Field(0.0, ge=0, description="0: greedy; > 0: rejection sampling at this temperature")
 
 
 class DataSource(_Section):
@@ -176,6 +202,7 @@ class Recipe(_Section):
     data: DataConfig
     training: TrainingConfig = TrainingConfig()
     regenerate: RegenerateConfig = RegenerateConfig()
+    eval: EvalConfig = EvalConfig()
 
     def to_yaml(self) -> str:
         """The fully resolved recipe, every default written out."""

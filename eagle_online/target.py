@@ -81,6 +81,15 @@ class TargetOutput(TargetFeatures):
     teacher_in_draft: torch.Tensor  # [B, T] bool: the full-vocabulary argmax lies in the draft vocab
 
 
+@dataclass
+class TargetStep:
+    """One KV-cached target forward over new tokens of one sequence (speculative decoding)."""
+
+    aux_hidden: torch.Tensor  # [m, 3·H_target]
+    last_hidden: torch.Tensor  # [m, H_target] post-norm
+    logits: torch.Tensor  # [m, vocab] fp32, the full vocabulary
+
+
 class FrozenTarget(nn.Module):
     """A frozen HF causal LM that returns aux features and the teacher distribution over the draft vocab."""
 
@@ -163,6 +172,19 @@ class FrozenTarget(nn.Module):
         if impl == VARLEN:
             kwargs["document_layout"] = layout
         return kwargs
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache) -> TargetStep:
+        """Extend one sequence by new tokens ([m] each) through a transformers KV cache (a DynamicCache
+        holding the tokens before them): their aux features, final hidden states and full logits."""
+        self._captured.clear()
+        base = self.model.get_decoder()
+        out = base(input_ids=input_ids[None], position_ids=position_ids[None], past_key_values=cache, use_cache=True)
+        last = out.last_hidden_state[0]
+        aux = torch.cat([self._captured.pop(i)[0] for i in self.aux_layer_ids], dim=-1)
+        with full_params(self.lm_head_weight):  # gathered under ZeRO-3 (every rank decodes the same prompts)
+            logits = (last @ self.lm_head_weight.T).float()
+        return TargetStep(aux_hidden=aux, last_hidden=last, logits=logits)
 
     def _argmax_in_draft(self, last: torch.Tensor, chunk: int) -> torch.Tensor:
         """Whether the full-vocabulary argmax is a draft token. Under ZeRO-3 lm_head is gathered for the

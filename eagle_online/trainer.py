@@ -29,12 +29,13 @@ from eagle_online.data.vocab import (
     vocab_coverage,
 )
 from eagle_online.distributed import full_shape, gathered_copy, setup_distributed
-from eagle_online.export import checkpoint_names
-from eagle_online.heads import head_class
-from eagle_online.heads.eagle3 import eagle3_config
+from eagle_online.evaluate import evaluate, load_prompts
+from eagle_online.export import BEST_FILE, ExportError, aux_layer_ids_of, best_checkpoint, checkpoint_names, load_draft
+from eagle_online.heads import EAGLE3, architecture_of, build_head, configure_training, draft_config, drafter_for
+from eagle_online.heads.eagle3 import Eagle3Head
 from eagle_online.losses import expected_acceptance_length
 from eagle_online.metrics import truncate_metrics
-from eagle_online.recipe import Recipe
+from eagle_online.recipe import Recipe, resolve_asset
 from eagle_online.target import FrozenTarget, TargetOutput, decoder_layers, load_tokenizer
 from eagle_online.timing import StepTimer
 
@@ -127,31 +128,32 @@ class Trainer:
         # partitioned across ranks with target.sharding=zero3
         model = target_model if target_model is not None else self.dist.load_target(r.target)
         vocab_size = full_shape(model.get_output_embeddings().weight)[0]
-        d2t, t2d = self._draft_vocab(vocab_size)
+        imported = self._import_draft(model) if r.draft.init_from else None
+        d2t, t2d = self._draft_vocab(vocab_size, imported)
         draft_ids = torch.arange(len(d2t)) + d2t
-        self.target = FrozenTarget(model, r.target.aux_layer_ids, draft_ids.to(acc.device))
-
-        config = eagle3_config(model.config, r.draft.draft_vocab_size)
-        config.vocab_size = vocab_size
-        head = head_class(r.draft.architecture)(config)
-        head.init_from_target(
-            gathered_copy(self.target.embed_weight).float(),
-            self.target.lm_head_draft.float().cpu() if r.draft.init_lm_head_from_target else None,
-            d2t,
-            t2d,
-        )
+        aux_ids = r.target.aux_layer_ids or (aux_layer_ids_of(imported.config) if imported is not None else None)
+        self.target = FrozenTarget(model, aux_ids, draft_ids.to(acc.device))
+        head = self._build_head(vocab_size, d2t, t2d, imported)
+        feature_scale = self._feature_scale(head)
+        if isinstance(head, Eagle3Head) and imported is None:
+            with torch.no_grad():
+                head.fc.weight.div_(feature_scale)
         if r.draft.compile:
+            if not hasattr(head, "compile_layer"):
+                raise ValueError(f"draft.compile: the {r.draft.architecture} head has no compiled path (EAGLE-3 only)")
             head.compile_layer()
+        config = head.config
         if acc.is_main_process:
             config.to_json_file(self.run_dir / "draft_config.json")
-            info = {"aux_layer_ids": self.target.aux_layer_ids, "target_num_layers": len(decoder_layers(model))}
+            info = {"aux_layer_ids": self.target.aux_layer_ids, "target_num_layers": len(decoder_layers(model)),
+                    "feature_scale": feature_scale}
             (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
             (self.run_dir / "data_stats.json").write_text(json.dumps(self.data.stats, indent=2) + "\n")
             print(format_stats(self.data.stats), flush=True)
 
         t = r.training
         optimizer = self.dist.make_optimizer(
-            head.trainable_parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
+            self._param_groups(head, feature_scale), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
         )
         self.world = acc.num_processes
         micro_per_epoch = len(self._epoch_micro_batches(0)) // self.world
@@ -171,15 +173,82 @@ class Trainer:
         acc.register_for_checkpointing(self.scheduler)
         acc.init_trackers("tensorboard", config=_flat(r.model_dump(mode="json")))
 
-    def _draft_vocab(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Count trained tokens once per run and cache the draft vocabulary with it."""
+    def _feature_scale(self, head) -> float:
+        """How large the EAGLE-3 fc's input is: the median per-token RMS of the target's aux features on
+        the first batch (1.0 for other heads, or with draft.normalize_feature_scale off).
+
+        fc's default init and Adam's per-weight step size both assume inputs of RMS ~1. Targets whose
+        residual stream is far larger (the tiny target's is ~1300 at layers 2-5, from Muon training;
+        measured fc(aux) RMS ~800 against ~0.2 for the layer's attention and MLP outputs) otherwise make
+        fc(aux) drown the rest of the draft's residual, and the embedding of the next token barely
+        reaches the logits: acc_0 crawls (tiny recipe, 500 steps: 0.32 without, 0.52 with).
+        Dividing fc's init and learning rate by the scale is the same as training on aux / scale with
+        the usual init and rate (the served weights stay plain EAGLE-3). A function of the recipe alone
+        (epoch 0's first batch), so a resumed run and every rank get the same; run_info.json records it."""
+        if not isinstance(head, Eagle3Head) or not self.recipe.draft.normalize_feature_scale:
+            return 1.0
+        batch = self._epoch_micro_batches(0)[0]
+        device = self.accelerator.device
+        aux = self.target(batch.input_ids.to(device), batch.position_ids.to(device)).aux_hidden.float()
+        return float(aux.pow(2).mean(-1).sqrt().median())
+
+    def _param_groups(self, head, feature_scale: float) -> list[dict]:
+        """Trainable parameters in optimizer groups: EAGLE-3's fc at lr / feature_scale (see
+        _feature_scale), the rest at the recipe's lr (the first group's rate is the one logged)."""
+        params = head.trainable_parameters()
+        if feature_scale == 1.0:
+            return [{"params": params}]
+        fc = head.fc.weight
+        return [{"params": [p for p in params if p is not fc]},
+                {"params": [fc], "lr": self.recipe.training.lr / feature_scale}]
+
+    def _import_draft(self, model):
+        """The recipe's `draft.init_from` draft (any layout load_draft reads), checked against the recipe."""
+        r = self.recipe
+        head = load_draft(resolve_asset(r.draft.init_from), gathered_copy(model.get_input_embeddings().weight).float(),
+                          gathered_copy(model.get_output_embeddings().weight).float())
+        arch = architecture_of(head.config)
+        if arch != r.draft.architecture:
+            raise ExportError(f"draft.init_from {r.draft.init_from} holds a {arch} head, but draft.architecture is "
+                              f"{r.draft.architecture}")
+        size = getattr(head.config, "draft_vocab_size", None)
+        if size is not None and size != r.draft.draft_vocab_size:
+            raise ExportError(f"draft.init_from {r.draft.init_from} has a draft vocab of {size}, but "
+                              f"draft.draft_vocab_size is {r.draft.draft_vocab_size}")
+        return head.float()
+
+    def _build_head(self, vocab_size: int, d2t: torch.Tensor, t2d: torch.Tensor, imported):
+        """A fresh head initialised from the target (or the imported one), with the recipe's training settings."""
+        r = self.recipe
+        if imported is not None:
+            head = imported
+        else:
+            config = draft_config(r.draft.architecture, self.target.config, r.draft, vocab_size)
+            head = build_head(config)
+            full_lm_head = head.LM_HEAD == "full"
+            lm_head = gathered_copy(self.target.lm_head_weight) if full_lm_head else self.target.lm_head_draft
+            pass_lm_head = r.draft.init_lm_head_from_target or r.draft.architecture != EAGLE3
+            head.init_from_target(gathered_copy(self.target.embed_weight).float(),
+                                  lm_head.float().cpu() if pass_lm_head else None, d2t, t2d)
+        if hasattr(head, "set_draft_vocab"):  # heads whose teacher vocabulary is not part of their weights
+            head.set_draft_vocab(d2t)
+        configure_training(head, r.draft)
+        return head
+
+    def _draft_vocab(self, vocab_size: int, imported=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Count trained tokens once per run and cache the draft vocabulary with it (an imported draft's
+        own vocabulary map, when it has one, is cached instead)."""
         path = draft_vocab_path(self.run_dir)  # launch/build_vocab.py writes it ahead, streaming
         size = self.recipe.draft.draft_vocab_size
         if not path.exists() and self.accelerator.is_main_process:
-            counts = count_trained_tokens(self.data.examples, vocab_size)
-            d2t, t2d = build_draft_vocab(counts, size)
-            save_draft_vocab(path, d2t, t2d, counts)
-            print(f"draft vocabulary: {size} tokens cover {vocab_coverage(counts, t2d):.2%} of the trained tokens")
+            own = getattr(imported, "d2t", None)
+            if own is not None and own.numel() == size:
+                save_draft_vocab(path, own.cpu(), imported.t2d.cpu(), torch.zeros(vocab_size, dtype=torch.long))
+            else:
+                counts = count_trained_tokens(self.data.examples, vocab_size)
+                d2t, t2d = build_draft_vocab(counts, size)
+                save_draft_vocab(path, d2t, t2d, counts)
+                print(f"draft vocabulary: {size} tokens cover {vocab_coverage(counts, t2d):.2%} of the trained tokens")
         self.accelerator.wait_for_everyone()
         d2t, t2d = load_draft_vocab(path)
         if len(d2t) != size or len(t2d) != vocab_size:
@@ -262,12 +331,8 @@ class Trainer:
                        loss_mask=batch.loss_mask.to(device))
 
     def _head_forward(self, out: TargetOutput, batch: PackedBatch):
-        """The head's TTT unroll on one micro-batch: its loss and per-step metrics."""
-        r = self.recipe
-        return self.head(
-            out.aux_hidden, batch.input_ids, batch.position_ids, batch.loss_mask, out.teacher_logits,
-            out.teacher_in_draft, ttt_length=r.draft.ttt_length, loss_decay=r.draft.loss_decay,
-        )
+        """The head's training forward on one micro-batch (EAGLE-3: its TTT unroll): loss and per-step metrics."""
+        return self.head(out, batch)
 
     def _optimizer_step(self) -> torch.Tensor:
         """Clip, step the optimizer and the schedule, clear the gradients; returns the pre-clip norm."""
@@ -285,7 +350,8 @@ class Trainer:
         t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
         t = self.accelerator.reduce(t, reduction="sum")
         out = {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
-        out["tokens"] = out["tokens"] * self.world
+        if "tokens" in out:
+            out["tokens"] = out["tokens"] * self.world
         return out
 
     def train(self) -> dict[str, float]:
@@ -293,6 +359,12 @@ class Trainer:
         acc = self.accelerator
         self.interrupt.install()
         self.resume()
+        if self.step == 0 and acc.is_main_process:  # a fresh start: an earlier run's best is not ours
+            (self.run_dir / "checkpoints" / BEST_FILE).unlink(missing_ok=True)
+        acc.wait_for_everyone()
+        # Kept in memory from here: rank 0 rewrites the file, and a rank reading it a moment later than
+        # another would decide differently whether to save, leaving the others in a barrier.
+        best_tau = self._best_tau()
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
@@ -310,15 +382,27 @@ class Trainer:
             elapsed = time.perf_counter() - window_start
             last["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
             last["epoch"] = self.step / self.steps_per_epoch
-            if self.step % self.recipe.training.log_every == 0 or self.step == self.total_steps:
+            evaluated = self._eval_due()
+            if evaluated:
+                t0 = time.perf_counter()
+                last.update(self._reduce(self.evaluate_tau()))  # one value on every rank, whatever the numerics
+                window_start += time.perf_counter() - t0  # tokens/s counts training time only
+            if evaluated or self.step % self.recipe.training.log_every == 0 or self.step == self.total_steps:
                 acc.log(last, step=self.step)
                 window_tokens, window_start = 0, time.perf_counter()
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.3f}", acc_0=f"{last['acc_0']:.3f}",
                             tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
             stop = self._interrupt_requested()
+            saved = False
             if self.step % every == 0 or self.step == self.total_steps or stop:
                 self.save_checkpoint()
+                saved = True
+            if evaluated and last["eval_tau"] > best_tau:
+                if not saved:
+                    self.save_checkpoint()
+                best_tau = last["eval_tau"]
+                self._record_best(best_tau)
             if stop:
                 bar.close()
                 if acc.is_main_process:
@@ -328,6 +412,44 @@ class Trainer:
         bar.close()
         self.dist.close()
         return last
+
+    # ---------------------------------------------------------------------------------- τ eval
+    def _eval_due(self) -> bool:
+        every = self.recipe.eval.every
+        return every is not None and (self.step % every == 0 or self.step == self.total_steps)
+
+    def evaluate_tau(self) -> dict[str, float]:
+        """τ of the head as it is now, by speculative decoding of the recipe's held-out prompts (section
+        `eval`); metrics `eval_tau` and `eval_accept_j` per draft position. Every rank runs the same
+        prompts with the same seed (a ZeRO-3 target needs every rank in each forward)."""
+        e = self.recipe.eval
+        if not hasattr(self, "_eval_prompts"):
+            self._eval_prompts = load_prompts(e.prompts, limit=e.num_prompts, skip=e.skip_prompts)
+        head = self.unwrapped_head()
+        was_training = head.training
+        try:
+            result = evaluate(self.target, self.tokenizer, drafter_for(head), self._eval_prompts,
+                              num_draft_tokens=e.num_draft_tokens, max_new_tokens=e.max_new_tokens,
+                              temperature=e.temperature, seed=self.recipe.run.seed)
+        finally:
+            head.train(was_training)
+        out = {"eval_tau": result.tau}
+        out.update({f"eval_accept_{j}": a for j, a in enumerate(result.acceptance)})
+        return out
+
+    def _best_tau(self) -> float:
+        best = best_checkpoint(self.run_dir)
+        return best["tau"] if best else float("-inf")
+
+    def _record_best(self, tau: float) -> None:
+        """checkpoints/best.json names the best checkpoint by τ: rotation keeps it and export picks it."""
+        if self.accelerator.is_main_process:
+            path = self.run_dir / "checkpoints" / BEST_FILE
+            record = {"checkpoint": f"{CHECKPOINT_PREFIX}{self.step:08d}", "step": self.step, "tau": tau}
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+            tmp.replace(path)
+        self.accelerator.wait_for_everyone()
 
     def _interrupt_requested(self) -> bool:
         """All ranks must agree to stop at the same step, or the next collective hangs."""
@@ -353,8 +475,10 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
+            best = best_checkpoint(self.run_dir)
             for old in checkpoint_names(self.run_dir)[: -self.recipe.training.keep_checkpoints]:
-                shutil.rmtree(final.parent / old)
+                if best is None or old != best["checkpoint"]:  # the best by τ is kept
+                    shutil.rmtree(final.parent / old)
         acc.wait_for_everyone()
         return final
 

@@ -1,8 +1,9 @@
-"""Export a training run's draft head as an EAGLE-3 checkpoint that SGLang and vLLM serve.
+"""Export a training run's draft head in the layout SGLang and vLLM serve (EAGLE-3 or EAGLE-1/2).
 
     python launch/export.py --run runs/llama3_eagle3 [--checkpoint step_00001000] [--out DIR]
 
-Without --checkpoint the newest complete one is exported; --out defaults to RUN/export and an earlier
+Without --checkpoint the best one by τ is exported when training evaluated τ (checkpoints/best.json),
+else the newest complete one; --out defaults to RUN/export and an earlier
 export there is replaced only once the new one is complete.
 """
 import argparse
@@ -14,7 +15,8 @@ from eagle_online.export import ExportError, export_run
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="the run directory (the recipe's run.output_dir)")
-    parser.add_argument("--checkpoint", help="checkpoint name under RUN/checkpoints (default: the newest)")
+    parser.add_argument("--checkpoint",
+                        help="checkpoint name under RUN/checkpoints (default: the best by τ, else the newest)")
     parser.add_argument("--out", help="export directory (default: RUN/export)")
     args = parser.parse_args(argv)
     try:

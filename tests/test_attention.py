@@ -102,6 +102,29 @@ def test_varlen_target_equals_sdpa_target_on_packed_rows(tiny_llama, with_layout
     assert torch.equal(varlen.teacher_in_draft, sdpa.teacher_in_draft)
 
 
+def test_varlen_target_decodes_with_a_kv_cache_as_sdpa_does(tiny_llama):
+    """Speculative decoding verifies through a KV cache (FrozenTarget.decode): with `varlen` attention,
+    a prompt then chunks of 3 and 1 new tokens give the logits and aux features the sdpa target gives."""
+    from transformers import DynamicCache
+
+    draft_ids = torch.arange(0, 97, 3)
+    ids = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(2))
+    chunks = [(0, 8), (8, 11), (11, 12)]
+
+    def run(target):
+        cache, steps = DynamicCache(), []
+        for a, b in chunks:
+            steps.append(target.decode(ids[a:b], torch.arange(a, b), cache))
+        return steps
+
+    sdpa = run(FrozenTarget(tiny_llama, None, draft_ids))
+    tiny_llama.set_attn_implementation(resolve_attn_implementation("varlen", torch.device("cpu")))
+    varlen = run(FrozenTarget(tiny_llama, None, draft_ids))
+    for want, got in zip(sdpa, varlen):
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.aux_hidden, want.aux_hidden, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_varlen_matches_math_kernel_with_diagonal_keys():
     """On a GPU: the TTT attention (step-0 keys through the CUDA varlen kernel, two diagonal steps merged

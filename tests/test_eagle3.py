@@ -131,7 +131,7 @@ def test_ttt_step_zero_is_plain_next_next_token_prediction():
     """Step 0 of the unroll: position t reads (g_t, x_{t+1}) and is scored against the teacher at t+1,
     never across a conversation boundary; each later step counts one position fewer per conversation."""
     head, b = _head_and_batch()
-    out = head(**b, ttt_length=3)
+    out = head.unroll(**b, ttt_length=3)
     # Conversation of n tokens: predictions of x_{t+2+k} inside it give n-2-k positions.
     assert out.metrics.counts == [(9 - 2 - k) + (7 - 2 - k) for k in range(3)]
     # Recompute step 0 by hand with causal attention inside each conversation.
@@ -152,13 +152,13 @@ def test_ttt_step_zero_is_plain_next_next_token_prediction():
 
 def test_ttt_loss_is_decayed_sum_and_masks_apply():
     head, b = _head_and_batch()
-    out = head(**b, ttt_length=3, loss_decay=0.8)
+    out = head.unroll(**b, ttt_length=3, loss_decay=0.8)
     expected = sum(0.8**k * out.metrics.losses[k] for k in range(3))
     assert out.loss.item() == pytest.approx(float(expected), rel=1e-6)
     # Untrained tokens and teacher argmaxes outside the draft vocab remove positions.
     b["loss_mask"][0, 5] = 0
     b["teacher_in_draft"][0, 3] = False
-    masked = head(**b, ttt_length=1)
+    masked = head.unroll(**b, ttt_length=1)
     assert masked.metrics.counts == [out.metrics.counts[0] - 2]
     # Gradients reach every trained parameter but never the frozen embedding.
     out.loss.backward()
@@ -220,7 +220,7 @@ def test_head_loss_and_gradients_match_the_plain_unroll():
         ref.backward()
         ref_grads = {n: p.grad.clone() for n, p in head.named_parameters() if p.requires_grad}
         head.zero_grad()
-        out = head(**args, ttt_length=4, loss_decay=0.8)
+        out = head.unroll(**args, ttt_length=4, loss_decay=0.8)
         out.loss.backward()
         torch.testing.assert_close(out.loss.to(dtype), ref, rtol=tol, atol=tol)
         for got, want in zip(out.metrics.losses, ref_steps):
@@ -298,7 +298,7 @@ def test_compiled_layer_gives_the_same_loss_gradients_and_names():
     is skipped to keep CI fast) trains exactly as the eager one and keeps the export's tensor names."""
     head, b = _head_and_batch((30, 12, 21))
     names = list(head.state_dict())
-    ref = head(**b, ttt_length=3)
+    ref = head.unroll(**b, ttt_length=3)
     ref.loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}
     head.zero_grad()
@@ -306,7 +306,7 @@ def test_compiled_layer_gives_the_same_loss_gradients_and_names():
     try:
         for lengths in ((30, 12, 21), (17, 25)):  # a second packed shape reuses the dynamic graph
             _, batch = _head_and_batch(lengths)
-            out = head(**batch, ttt_length=3)
+            out = head.unroll(**batch, ttt_length=3)
             if lengths == (30, 12, 21):
                 out.loss.backward()
                 torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)

@@ -6,7 +6,6 @@ Tensor names follow the layout SGLang and vLLM load (`fc`, `midlayer.*`, `norm`,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -14,6 +13,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from eagle_online.attention import DocumentLayout, causal_plus_diagonal_attention
+from eagle_online.heads.base import HeadOutput
 from eagle_online.heads.layers import RMSNorm, SwiGLUMLP
 from eagle_online.losses import StepMetrics, TeacherTargets, linear_soft_cross_entropy
 
@@ -135,20 +135,16 @@ class Eagle3DecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-@dataclass
-class Eagle3Output:
-    """The TTT unroll's result: the weighted loss to backpropagate and per-step metrics."""
-
-    loss: torch.Tensor
-    metrics: StepMetrics
-
-
 class Eagle3Head(nn.Module):
-    """EAGLE-3 draft head: fc fusion of low‖mid‖high target features, one decoder layer, a draft lm_head."""
+    """EAGLE-3 draft head: fc fusion of low‖mid‖high target features, one decoder layer, a draft lm_head.
+    `ttt_length` and `loss_decay` are the training forward's unroll settings."""
 
-    def __init__(self, config: LlamaConfig):
+    LM_HEAD = "draft"  # its lm_head covers the draft vocabulary (initialised from the target's rows)
+
+    def __init__(self, config: LlamaConfig, ttt_length: int = 7, loss_decay: float = 0.8):
         super().__init__()
         self.config = config
+        self.ttt_length, self.loss_decay = ttt_length, loss_decay
         h = config.hidden_size
         target_h = getattr(config, "target_hidden_size", None) or h
         self.embed_tokens = nn.Embedding(config.vocab_size, h)
@@ -191,8 +187,13 @@ class Eagle3Head(nn.Module):
         """Draft-vocabulary logits of pre-norm outputs."""
         return self.lm_head(self.norm(hidden))
 
-    def forward(self, aux_hidden, input_ids, position_ids, loss_mask, teacher_logits, teacher_in_draft,
-                ttt_length: int, loss_decay: float = 0.8) -> Eagle3Output:
+    def forward(self, target, batch) -> HeadOutput:
+        """The training forward: the TTT unroll of `target` (a TargetOutput) over `batch` (a PackedBatch)."""
+        return self.unroll(target.aux_hidden, batch.input_ids, batch.position_ids, batch.loss_mask,
+                           target.teacher_logits, target.teacher_in_draft, self.ttt_length, self.loss_decay)
+
+    def unroll(self, aux_hidden, input_ids, position_ids, loss_mask, teacher_logits, teacher_in_draft,
+               ttt_length: int, loss_decay: float = 0.8) -> HeadOutput:
         """The TTT unroll over packed rows.
 
         Position t pairs the target feature g_t with embed(x_{t+1}) and learns the target's
@@ -227,7 +228,7 @@ class Eagle3Head(nn.Module):
             losses.append(step.loss.detach())
             accs.append(step.accuracy)
             counts.append(len(rows))
-        return Eagle3Output(loss=loss, metrics=StepMetrics(losses, accs, counts))
+        return HeadOutput(loss=loss, metrics=StepMetrics(losses, accs, counts))
 
     def trainable_parameters(self):
         """Everything but the frozen embedding."""

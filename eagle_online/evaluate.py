@@ -1,0 +1,376 @@
+"""Acceptance length τ measured by real speculative decoding (chain drafting), as an engine decodes.
+
+Per round, with L tokens so far (the target's KV cache holds the first L-1, the drafter has committed
+the pairs (feature_t, token_{t+1}) up to t = L-2, whose last output proposes token L):
+
+    draft      d_1..d_k: d_1 from the last committed pair, d_j from chain step j-1 (the head's own
+               output and the token d_{j-1} it just proposed, one RoPE position further)
+    verify     one target forward over [x_{L-1}, d_1..d_k] (KV-cached): p_0..p_k, features
+    accept     greedy: d_j while d_j = argmax p_{j-1}; then argmax of the first disagreeing p.
+               sampling at T: d_j with probability min(1, p(d_j)/q(d_j)); on rejection a token from
+               norm(max(0, p - q)); after k acceptances a bonus token from p_k. (Leviathan et al.: the
+               output is distributed exactly as the target's own sampling.)
+    commit     the target cache keeps x_{L-1}, d_1..d_a; the drafter commits the a+1 new pairs with
+               the target's real features of those positions (dropping its chain steps).
+
+τ = mean over verify forwards of (accepted drafts + 1) = tokens produced per target forward. A draft
+vocabulary is handled by the drafter: q lives on the draft tokens mapped through d2t (zero elsewhere).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from eagle_online.data.sources import DataError
+from eagle_online.heads.base import Drafter, DraftStep
+from eagle_online.target import FrozenTarget
+
+# -------------------------------------------------------------------------------------- prompts
+
+
+@dataclass
+class EvalPrompt:
+    """One evaluation item: user turns answered one after the other by the model (MT-bench `turns`),
+    or a fixed message history ending with a user turn (`messages`)."""
+
+    id: str
+    turns: list[str] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)
+
+
+def _prompt_from_record(record, where: str) -> EvalPrompt:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    pid = str(record.get("question_id", record.get("id", where)))
+    if "turns" in record:
+        turns = record["turns"]
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t for t in turns):
+            raise DataError(f"{where}: `turns` must be a non-empty list of strings")
+        return EvalPrompt(id=pid, turns=turns)
+    if "prompt" in record:
+        if not isinstance(record["prompt"], str) or not record["prompt"]:
+            raise DataError(f"{where}: `prompt` must be a non-empty string")
+        return EvalPrompt(id=pid, turns=[record["prompt"]])
+    if "messages" in record or "conversations" in record:
+        from eagle_online.data.roles import UnknownRoleError, to_messages
+
+        try:
+            messages = to_messages(record)
+        except (UnknownRoleError, KeyError, TypeError) as e:
+            raise DataError(f"{where}: unusable messages: {e}") from None
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]  # generate the reply to the last user turn
+        if not messages or messages[-1]["role"] != "user":
+            raise DataError(f"{where}: `messages` must contain a user turn")
+        return EvalPrompt(id=pid, messages=messages)
+    raise DataError(f"{where}: a prompt record needs `turns` (MT-bench), `prompt` or `messages`; got {sorted(record)}")
+
+
+def load_prompts(path: str, limit: int | None = None, skip: int = 0) -> list[EvalPrompt]:
+    """Prompts from a JSONL file of MT-bench `question.jsonl` records (`turns`), `prompt` or `messages`
+    records, or `builtin:sharegpt` (each conversation's opening up to its first reply, the first
+    `skip` records left out)."""
+    if path == "builtin:sharegpt":
+        from eagle_online.data.sources import iter_conversations
+        from eagle_online.recipe import DataSource
+
+        out = []
+        source = DataSource(path=path, skip_rows=skip, max_rows=(limit * 4 if limit else None))
+        for i, messages in enumerate(iter_conversations(source)):
+            first_reply = next(j for j, m in enumerate(messages) if m["role"] == "assistant")
+            out.append(EvalPrompt(id=f"sharegpt:{skip + i}", messages=messages[:first_reply]))
+            if limit and len(out) >= limit:
+                break
+        return out
+    from eagle_online.data.sources import _iter_jsonl
+
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"no prompts file {path}")
+    out = [_prompt_from_record(record, where) for where, record in _iter_jsonl(file)][skip:]
+    if limit:
+        out = out[:limit]
+    if not out:
+        raise DataError(f"{path}: no prompts")
+    return out
+
+
+# ------------------------------------------------------------------------------ decoding core
+
+
+@dataclass
+class Generation:
+    """One speculative generation: the new tokens and, per verify forward, how many drafts it accepted."""
+
+    tokens: list[int]
+    accepted: list[int]  # per verify forward
+    num_draft_tokens: int
+
+
+class _CachedTarget:
+    """The frozen target decoding one sequence with a transformers DynamicCache."""
+
+    def __init__(self, target: FrozenTarget):
+        from transformers import DynamicCache
+
+        self.target = target
+        self.device = target.lm_head_weight.device
+        self.cache = DynamicCache(config=target.config)
+
+    def forward(self, tokens: list[int], start: int):
+        ids = torch.tensor(tokens, device=self.device)
+        return self.target.decode(ids, torch.arange(start, start + len(tokens), device=self.device), self.cache)
+
+    def keep(self, length: int) -> None:
+        """Drop cached positions from `length` on."""
+        self.cache.crop(length - self.cache.get_seq_length())  # transformers 5: a negative count to remove
+
+
+def _feature(step, drafter: Drafter):
+    return getattr(step, drafter.feature) if drafter.feature else None
+
+
+def _sample(logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> int:
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.double() / temperature, -1)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def accept_drafts(drafts: list[int], draft_logits: list[torch.Tensor], target_logits: torch.Tensor,
+                  temperature: float, gen: torch.Generator | None) -> tuple[int, int]:
+    """The acceptance rule for one verify forward: (number of drafts accepted, the token that follows).
+
+    `draft_logits[j]` are the logits d_{j+1} was drawn from (over the target vocabulary, −inf outside
+    the draft vocabulary); `target_logits` [k+1, V] the target's at the k+1 verified positions."""
+    for j, d in enumerate(drafts):
+        if temperature == 0:
+            best = int(target_logits[j].argmax())
+            if d != best:
+                return j, best
+            continue
+        p = torch.softmax(target_logits[j].double() / temperature, -1)
+        q = torch.softmax(draft_logits[j].double() / temperature, -1)
+        u = float(torch.rand((), generator=gen, dtype=torch.float64, device=p.device))
+        if u * q[d] < p[d]:  # u < p/q without dividing by a tiny q
+            continue
+        residual = (p - q).clamp_min(0)
+        total = residual.sum()
+        nxt = int(torch.multinomial(residual / total, 1, generator=gen)) if total > 0 else int(p.argmax())
+        return j, nxt
+    return len(drafts), _sample(target_logits[len(drafts)], temperature, gen)
+
+
+@torch.no_grad()
+def speculative_generate(target: FrozenTarget, drafter: Drafter, prompt_ids: list[int], *, num_draft_tokens: int,
+                         max_new_tokens: int, temperature: float = 0.0, eos_ids=(),
+                         gen: torch.Generator | None = None) -> Generation:
+    """Generate up to `max_new_tokens` after `prompt_ids` by chain speculative decoding (module docstring).
+    Greedy when `temperature` is 0, else sampling at that temperature."""
+    k, eos = num_draft_tokens, set(eos_ids)
+    cached = _CachedTarget(target)
+    drafter.reset()
+    n = len(prompt_ids)
+    step = cached.forward(prompt_ids, 0)
+    out = [_sample(step.logits[-1], temperature, gen)]
+    device = cached.device
+    proposal = drafter.extend(_feature(step, drafter), torch.tensor(prompt_ids[1:] + out, device=device),
+                              torch.arange(n, device=device))
+    accepted_per_step: list[int] = []
+    while len(out) < max_new_tokens and out[-1] not in eos:
+        length = n + len(out)  # L: the target cache holds L-1 tokens
+        drafts, draft_logits = [], []
+        for j in range(k):
+            logits = proposal.logits.to(device)  # a CPU-side baseline drafter may propose on the CPU
+            drafts.append(_sample(logits, temperature, gen))
+            draft_logits.append(logits)
+            if j < k - 1:
+                proposal = drafter.chain(drafts[-1], length - 1 + j)
+        verify = cached.forward([out[-1]] + drafts, length - 1)
+        a, nxt = accept_drafts(drafts, draft_logits, verify.logits, temperature, gen)
+        accepted_per_step.append(a)
+        new = drafts[:a] + [nxt]
+        cached.keep(length + a)
+        feats = _feature(verify, drafter)
+        proposal = drafter.extend(None if feats is None else feats[: a + 1], torch.tensor(new, device=device),
+                                  torch.arange(length - 1, length + a, device=device))
+        for t in new:
+            out.append(t)
+            if t in eos or len(out) >= max_new_tokens:
+                break
+    return Generation(tokens=out, accepted=accepted_per_step, num_draft_tokens=k)
+
+
+@torch.no_grad()
+def greedy_generate(target: FrozenTarget, prompt_ids: list[int], max_new_tokens: int, eos_ids=()) -> list[int]:
+    """Plain greedy decoding, one target forward per token (the reference speculative greedy must equal)."""
+    cached = _CachedTarget(target)
+    step = cached.forward(prompt_ids, 0)
+    out = [int(step.logits[-1].argmax())]
+    while len(out) < max_new_tokens and out[-1] not in set(eos_ids):
+        step = cached.forward(out[-1:], len(prompt_ids) + len(out) - 1)
+        out.append(int(step.logits[-1].argmax()))
+    return out
+
+
+# ---------------------------------------------------------------------------- over a prompt set
+
+
+@dataclass
+class EvalResult:
+    """τ and per-position acceptance over a prompt set, and the generated text."""
+
+    tau: float  # tokens per verify forward
+    acceptance: list[float]  # per draft position j: P(d_j accepted | d_1..d_{j-1} accepted)
+    verify_forwards: int
+    tokens: int
+    temperature: float
+    num_draft_tokens: int
+    samples: list[dict]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(generations: list[Generation], temperature: float, samples: list[dict]) -> EvalResult:
+    """τ and per-position acceptance of a set of generations."""
+    k = generations[0].num_draft_tokens if generations else 0
+    reached, accepted = [0] * k, [0] * k
+    steps = [a for g in generations for a in g.accepted]
+    for a in steps:
+        for j in range(k):
+            reached[j] += j <= a
+            accepted[j] += j < a
+    return EvalResult(
+        tau=(sum(a + 1 for a in steps) / len(steps)) if steps else 0.0,
+        acceptance=[accepted[j] / reached[j] if reached[j] else 0.0 for j in range(k)],
+        verify_forwards=len(steps),
+        tokens=sum(len(g.tokens) for g in generations),
+        temperature=temperature,
+        num_draft_tokens=k,
+        samples=samples,
+    )
+
+
+def _eos_ids(tokenizer, target: FrozenTarget) -> list[int]:
+    ids = getattr(target.config, "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def evaluate(target: FrozenTarget, tokenizer, drafter: Drafter, prompts: list[EvalPrompt], *, num_draft_tokens: int = 4,
+             max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0) -> EvalResult:
+    """Speculative decoding over `prompts` (multi-turn prompts answer each turn in turn, the model's own
+    replies kept as history); τ, acceptance per draft position, and the text of each reply."""
+    gen = torch.Generator(device=target.lm_head_weight.device).manual_seed(seed)
+    eos = _eos_ids(tokenizer, target)
+    generations, samples = [], []
+    for prompt in prompts:
+        history = list(prompt.messages)
+        turns = prompt.turns or [None]
+        replies = []
+        for turn in turns:
+            if turn is not None:
+                history.append({"role": "user", "content": turn})
+            ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False)
+            g = speculative_generate(target, drafter, list(ids), num_draft_tokens=num_draft_tokens,
+                                     max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=eos, gen=gen)
+            generations.append(g)
+            text = tokenizer.decode(g.tokens, skip_special_tokens=True)
+            replies.append(text)
+            history.append({"role": "assistant", "content": text})
+        samples.append({"id": prompt.id, "replies": replies})
+    return summarize(generations, temperature, samples)
+
+
+# ------------------------------------------------------------------------------------ baselines
+
+
+class BigramDrafter(Drafter):
+    """A context-free baseline: proposes from counts of which token followed which in trained text
+    (argmax when greedy, the count distribution when sampling); unigram counts for unseen tokens."""
+
+    feature = None
+
+    def __init__(self, counts: torch.Tensor):
+        self.counts = counts.float()  # [V, V]: counts[a, b] = how often b followed a
+        self.unigram = self.counts.sum(0)
+
+    @classmethod
+    def from_examples(cls, examples, vocab_size: int) -> BigramDrafter:
+        """Counts of (token, next token) where the next token is trained (loss_mask 1)."""
+        counts = torch.zeros(vocab_size * vocab_size)
+        for e in examples:
+            ids = torch.tensor(e.input_ids)
+            mask = torch.tensor(e.loss_mask[1:], dtype=torch.bool)
+            pairs = (ids[:-1] * vocab_size + ids[1:])[mask]
+            counts += torch.bincount(pairs, minlength=vocab_size * vocab_size).float()
+        return cls(counts.view(vocab_size, vocab_size))
+
+    def reset(self) -> None:
+        pass
+
+    def _propose(self, token: int) -> DraftStep:
+        row = self.counts[token]
+        row = row if row.sum() > 0 else self.unigram
+        return DraftStep(logits=row.log())  # −inf where never seen: never proposed
+
+    def extend(self, features, tokens, positions) -> DraftStep:
+        return self._propose(int(tokens[-1]))
+
+    def chain(self, token: int, position: int) -> DraftStep:
+        return self._propose(token)
+
+
+# ------------------------------------------------------------------------------ a draft directory
+
+
+def evaluate_draft(recipe, draft_dir, prompts_path: str, *, temperatures=(0.0,), num_prompts: int | None = None,
+                   skip_prompts: int = 0, num_draft_tokens: int = 4, max_new_tokens: int = 128, seed: int = 0,
+                   bigram: bool = False) -> dict:
+    """Load the recipe's target and the draft in `draft_dir` (any layout export.load_draft reads) and
+    measure τ at each temperature; `bigram` adds the bigram baseline counted from the recipe's data.
+    Returns {"draft", "prompts", "results": {name: {str(T): EvalResult dict}}}."""
+    from eagle_online.export import aux_layer_ids_of, load_draft
+    from eagle_online.heads import drafter_for
+    from eagle_online.target import load_target_model, load_tokenizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(recipe.target)
+    model = load_target_model(recipe.target, device)
+    dtype = model.get_output_embeddings().weight.dtype
+    head = load_draft(draft_dir, model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+    head = head.to(device=device, dtype=dtype)
+    aux_ids = recipe.target.aux_layer_ids or aux_layer_ids_of(head.config)
+    d2t = getattr(head, "d2t", None)
+    ids = torch.arange(len(d2t), device=device) + d2t.to(device) if d2t is not None and d2t.numel() else \
+        torch.zeros(1, dtype=torch.long, device=device)
+    target = FrozenTarget(model, aux_ids, ids)
+    prompts = load_prompts(prompts_path, limit=num_prompts, skip=skip_prompts)
+    drafters = {"draft": drafter_for(head)}
+    if bigram:
+        from eagle_online.data import prepare_data
+
+        data = prepare_data(recipe.data, tokenizer)
+        drafters["bigram"] = BigramDrafter.from_examples(data.examples, model.get_output_embeddings().weight.shape[0])
+    results = {
+        name: {str(t): evaluate(target, tokenizer, drafter, prompts, num_draft_tokens=num_draft_tokens,
+                                max_new_tokens=max_new_tokens, temperature=t, seed=seed).to_dict()
+               for t in temperatures}
+        for name, drafter in drafters.items()
+    }
+    return {"draft": str(draft_dir), "prompts": prompts_path, "num_prompts": len(prompts), "results": results}
+
+
+def format_table(results: dict) -> str:
+    """A text table of {name: {temperature: EvalResult dict}}: τ and acceptance per draft position."""
+    lines = [f"{'draft':<12} {'T':>5} {'tau':>6}  acceptance per position"]
+    for name, by_t in results.items():
+        for t, r in by_t.items():
+            acc = " ".join(f"{a:.2f}" for a in r["acceptance"])
+            lines.append(f"{name:<12} {float(t):>5.2f} {r['tau']:>6.3f}  {acc}")
+    return "\n".join(lines)

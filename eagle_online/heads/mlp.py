@@ -1,0 +1,109 @@
+"""The beginner's MLP draft (DESIGN §4), kept as a baseline.
+
+    logits_t = lm_head(blocks(embed(x_{t+1})))       blocks: N × (Linear H→H, ReLU, LayerNorm)
+
+It sees one token and no context (no target feature, no attention), so it can learn at best a bigram
+of the target's predictions; the quality benchmark shows it beside the EAGLE heads. The embedding and
+lm_head (draft-vocabulary rows) are frozen copies of the target's; it is trained with the same soft
+cross-entropy against the teacher as the EAGLE-3 head. No engine serves it: its export is our own
+layout (config.json + model.safetensors), read back by `eagle_online.export.load_draft`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaConfig
+
+from eagle_online.heads.base import Drafter, DraftStep, HeadOutput, frozen_copy, scatter_to_target
+from eagle_online.heads.eagle3 import DocumentLayout, shift_left
+from eagle_online.losses import StepMetrics, accuracy, soft_cross_entropy
+
+ARCHITECTURE = "EagleOnlineMLPDraft"
+
+
+def mlp_config(target_config, draft_vocab_size: int, num_blocks: int = 3) -> LlamaConfig:
+    """The MLP draft's config (a LlamaConfig as a container, so it saves and loads like the others)."""
+    text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    return LlamaConfig(
+        architectures=[ARCHITECTURE], hidden_size=text.hidden_size, num_hidden_layers=num_blocks,
+        num_attention_heads=text.num_attention_heads, vocab_size=text.vocab_size,
+        draft_vocab_size=draft_vocab_size, tie_word_embeddings=False,
+    )
+
+
+class MLPHead(nn.Module):
+    """Embedding → N × (Linear, ReLU, LayerNorm) → frozen draft-vocabulary lm_head."""
+
+    LM_HEAD = "draft"
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, h)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.blocks = nn.Sequential(*(
+            nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.LayerNorm(h)) for _ in range(config.num_hidden_layers)
+        ))
+        self.lm_head = nn.Linear(h, config.draft_vocab_size, bias=False)
+        self.lm_head.weight.requires_grad_(False)
+        self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
+
+    @torch.no_grad()
+    def init_from_target(self, embed_weight, lm_head_draft, d2t, t2d) -> None:
+        """Frozen copies of the target's embedding and draft-vocabulary lm_head rows; the vocab maps."""
+        if lm_head_draft is None:
+            raise ValueError("the MLP draft reads its logits through the target's lm_head rows: pass them")
+        self.embed_tokens.weight = frozen_copy(embed_weight)
+        self.lm_head.weight = frozen_copy(lm_head_draft)
+        self.d2t.copy_(d2t)
+        self.t2d.copy_(t2d)
+
+    def trainable_parameters(self):
+        """The blocks."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def logits(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits of the token after each of `token_ids`."""
+        x = self.embed_tokens(token_ids).to(self.lm_head.weight.dtype)
+        return self.lm_head(self.blocks(x))
+
+    def forward(self, target, batch) -> HeadOutput:
+        """Position t reads x_{t+1} alone and learns the teacher at t+1, where x_{t+2} is trained, in the
+        same conversation, and the teacher's full-vocabulary argmax is a draft token."""
+        input_ids, loss_mask = batch.input_ids, batch.loss_mask
+        b, t = input_ids.shape
+        doc = DocumentLayout.from_position_ids(batch.position_ids).doc
+        valid = (shift_left(loss_mask, 2).bool() & (shift_left(doc, 2, fill=-1) == doc)
+                 & shift_left(target.teacher_in_draft, 1, fill=False))
+        rows = valid.reshape(-1).nonzero().squeeze(1)
+        logits = self.logits(input_ids.reshape(-1)[rows + 1]).float()
+        teacher = target.teacher_logits.reshape(b * t, -1)[rows + 1].float().softmax(-1)
+        loss = soft_cross_entropy(logits, teacher)
+        return HeadOutput(loss=loss, metrics=StepMetrics([loss.detach()], [accuracy(logits.detach(), teacher)],
+                                                         [len(rows)]))
+
+
+class MLPDrafter(Drafter):
+    """Chain drafting with an MLPHead: each proposal reads only the token before it."""
+
+    feature = None
+
+    def __init__(self, head: MLPHead):
+        self.head = head.eval()
+        self.vocab_size = head.config.vocab_size
+
+    def reset(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def _propose(self, token: torch.Tensor) -> DraftStep:
+        logits = self.head.logits(token.reshape(1))[0].float()
+        return DraftStep(logits=scatter_to_target(logits, self.head.d2t, self.vocab_size))
+
+    def extend(self, features, tokens, positions) -> DraftStep:
+        return self._propose(tokens[-1])
+
+    def chain(self, token: int, position: int) -> DraftStep:
+        return self._propose(torch.tensor(token, device=self.head.d2t.device))

@@ -1,0 +1,53 @@
+"""Measure a draft's acceptance length τ by real speculative decoding against the recipe's target.
+
+    python launch/eval.py --recipe tiny_eagle3 --draft runs/tiny_eagle3/export --prompts builtin:sharegpt \
+        --skip-prompts 5000 --num-prompts 16 --temperature 0 1 --out tau.json
+
+--draft takes any draft this project reads: its own exports (EAGLE-3, EAGLE-1/2, MLP), the official
+EAGLE-3 releases, SpecForge/SGLang or vLLM speculators checkpoints. --prompts is a JSONL file of
+MT-bench `question.jsonl` records (`turns`, answered turn by turn), `prompt` or `messages` records,
+or builtin:sharegpt. Greedy (T=0) output is token-identical to the target's own greedy decoding.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from eagle_online.data.sources import DataError
+from eagle_online.evaluate import evaluate_draft, format_table
+from eagle_online.export import ExportError
+from eagle_online.recipe import RecipeError, load_recipe
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help="recipe naming the target (recipes/NAME.yaml or a path)")
+    parser.add_argument("--draft", required=True, help="draft directory (config.json + weights)")
+    parser.add_argument("--prompts", required=True, help="JSONL prompts file or builtin:sharegpt")
+    parser.add_argument("--num-prompts", type=int, default=None)
+    parser.add_argument("--skip-prompts", type=int, default=0)
+    parser.add_argument("--temperature", type=float, nargs="+", default=[0.0], help="0 = greedy")
+    parser.add_argument("-k", "--num-draft-tokens", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bigram", action="store_true", help="add the bigram baseline counted from the recipe's data")
+    parser.add_argument("--out", type=Path, help="write the results (with the generated text) as JSON")
+    parser.add_argument("overrides", nargs="*", help="key=value recipe overrides")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        report = evaluate_draft(recipe, args.draft, args.prompts, temperatures=args.temperature,
+                                num_prompts=args.num_prompts, skip_prompts=args.skip_prompts,
+                                num_draft_tokens=args.num_draft_tokens, max_new_tokens=args.max_new_tokens,
+                                seed=args.seed, bigram=args.bigram)
+    except (RecipeError, DataError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(report["results"]))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
