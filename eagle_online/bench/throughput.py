@@ -130,7 +130,10 @@ def synthetic_data(vocab_size: int, tokens: int, max_length: int, seed: int = 0)
         prompt = int(0.3 * n)
         examples.append(TokenizedConversation(ids, [0] * prompt + [1] * (n - prompt)))
         total += n
-    stats = {"total": {"rows_used": len(examples), "tokens": total, "synthetic": True}}
+    trained = sum(ex.num_trained for ex in examples)
+    summary = {"rows_read": len(examples), "rows_used": len(examples), "sequences_per_epoch": len(examples),
+               "tokens": total, "trained_fraction": trained / total, "skipped": {}}
+    stats = {"sources": {"synthetic": summary}, "total": dict(summary)}  # the shape prepare_data's stats have
     return PreparedData(examples=examples, stats=stats)
 
 
