@@ -17,16 +17,15 @@ input_layernorm and loads everything but lm_head under `model.`; vLLM's EagleLla
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding
 
 from eagle_online.heads.base import DraftStep, HeadOutput, LayerDrafter, draft_ids, frozen_copy
-from eagle_online.heads.eagle3 import DocumentLayout, eagle3_config, shift_left
+from eagle_online.heads.eagle3 import DocumentLayout, TTTAttention, eagle3_config, shift_left
+from eagle_online.heads.layers import RMSNorm, SwiGLUMLP
 from eagle_online.losses import StepMetrics, accuracy, soft_cross_entropy
 
 # SGLang registers LlamaForCausalLMEagle; vLLM's EAGLEConfig turns each architecture not starting with
@@ -47,41 +46,12 @@ def eagle_config(target_config, fc_bias: bool = True) -> LlamaConfig:
     return LlamaConfig(**fields, architectures=[ARCHITECTURE, VLLM_ARCHITECTURE], eagle_fc_bias=fc_bias)
 
 
-class EagleAttention(nn.Module):
-    """Llama self-attention over H-wide inputs, causal within each packed conversation."""
+class EagleAttention(TTTAttention):
+    """Llama self-attention over H-wide inputs, causal within each packed conversation: the TTT
+    attention with step-0 keys only (the same varlen kernels, no padding or mask)."""
 
     def __init__(self, config: LlamaConfig):
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
-
-    def project(self, x, cos, sin):
-        """q [.., heads, m, d] and k, v [.., kv_heads, m, d] with RoPE applied; x [.., m, H]."""
-        shape = x.shape[:-1]
-        q = self.q_proj(x).view(*shape, self.num_heads, self.head_dim).transpose(-2, -3)
-        k = self.k_proj(x).view(*shape, self.num_kv_heads, self.head_dim).transpose(-2, -3)
-        v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim).transpose(-2, -3)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return q.to(v.dtype), k.to(v.dtype), v
-
-    def forward(self, x, cos, sin, layout: DocumentLayout):
-        """x [B, T, H] packed; attention runs per conversation (padded, causal), so the padding at a
-        conversation's end is never attended by its real tokens."""
-        b, t, h = x.shape
-        q, k, v = self.project(x, cos, sin)  # [B, heads, T, d]
-        groups = self.num_heads // self.num_kv_heads
-        flat = lambda z: z.transpose(1, 2).reshape(b * t, z.shape[1], self.head_dim)  # noqa: E731
-        qp, kp, vp = (layout.pad(flat(z)).transpose(1, 2) for z in (q, k, v))  # [D, heads, L, d]
-        kp, vp = kp.repeat_interleave(groups, dim=1), vp.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=1.0 / math.sqrt(self.head_dim))
-        out = layout.unpad(out.transpose(1, 2))  # [B·T, heads, d]
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        super().__init__(config, in_features=config.hidden_size)
 
 
 class EagleDecoderLayer(nn.Module):
@@ -90,8 +60,9 @@ class EagleDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.self_attn = EagleAttention(config)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = (SwiGLUMLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+                    if config.hidden_act == "silu" else LlamaMLP(config))
 
     def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Residual around attention, then the MLP block."""
@@ -145,7 +116,7 @@ class EagleHead(nn.Module):
         x = self.fc(torch.cat([self.embed_tokens(token_ids).to(dtype), features.to(dtype)], dim=-1))
         cos, sin = self.rotary_emb(x, position_ids)
         layer = self.layers[0]
-        return layer.finish(x, layer.self_attn(x, cos, sin, layout))
+        return layer.finish(x, layer.self_attn(x, cos, sin, [], layout))
 
     def forward(self, target, batch) -> HeadOutput:
         """Position t pairs f_t with embed(x_{t+1}) and regresses f_{t+1}, scored where x_{t+2} is
@@ -190,8 +161,9 @@ class EagleDrafter(LayerDrafter):
         x = head.fc(torch.cat([head.embed_tokens(tokens).to(dtype), features.to(dtype)], dim=-1))
         cos, sin = head.rotary_emb(x[None], positions[None])
         layer = head.layers[0]
-        q, k, v = layer.self_attn.project(x[None], cos, sin)
-        return layer.finish(x, layer.self_attn.o_proj(self.cache.attend(q[0], k[0], v[0])))
+        q, k, v = layer.self_attn.project(x[None], cos, sin)  # [m, heads, d], [m, kv_heads, d]
+        return layer.finish(x, layer.self_attn.o_proj(self.cache.attend(q.transpose(0, 1), k.transpose(0, 1),
+                                                                        v.transpose(0, 1))))
 
     def _propose(self) -> DraftStep:
         return DraftStep(logits=(self._last[-1] @ self.head.lm_head.weight.T).float())

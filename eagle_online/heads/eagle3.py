@@ -60,7 +60,7 @@ def shift_left(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
 
 
 class TTTAttention(nn.Module):
-    """Attention over 2H-wide inputs with the TTT pattern: causal (within a conversation) over the
+    """Attention over 2H-wide inputs (or `in_features`) with the TTT pattern: causal (within a conversation) over the
     step-0 keys, plus the keys each later step wrote at the query's own position.
 
     No [T × T] mask or score matrix is built per step: the step-0 part runs through a varlen /
@@ -70,19 +70,20 @@ class TTTAttention(nn.Module):
 
     kernel: str | None = None
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, in_features: int | None = None):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         h = config.hidden_size
-        self.q_proj = nn.Linear(2 * h, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(2 * h, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(2 * h, self.num_kv_heads * self.head_dim, bias=False)
+        width = in_features or 2 * h
+        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
 
     def project(self, x, cos, sin):
-        """Queries [B·T, heads, d] and keys and values [B·T, kv_heads, d] of x [B, T, 2H], RoPE applied."""
+        """Queries [B·T, heads, d] and keys and values [B·T, kv_heads, d] of x [B, T, in], RoPE applied."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
