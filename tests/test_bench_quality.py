@@ -14,7 +14,7 @@ def test_trained_tiny_head_beats_untrained(tmp_path):
     quality.add_arguments(parser)
     args = parser.parse_args(["--heads", "eagle3", "--steps", "30", "--rows", "300", "--tokens-per-batch", "2048",
                               "--ttt-length", "1", "--prompts", "6", "--max-new-tokens", "32",
-                              "--out", str(tmp_path / "q.json")])
+                              "--work-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "q.json")])
     assert quality.main(args) == 0
     report = json.loads((tmp_path / "q.json").read_text())
     head = report["heads"]["eagle3"]
@@ -22,3 +22,5 @@ def test_trained_tiny_head_beats_untrained(tmp_path):
     assert trained["verify_forwards"] > 80  # enough rounds for the comparison to mean something
     assert trained["tau"] > untrained["tau"] + 0.1, (trained["tau"], untrained["tau"])
     assert head["trained"]["0.0"]["tau"] >= 1.0 and "bigram" in report
+    # EAGLE-3 read the bench's feature layers, not the recipe's engine defaults [2, 4, 5].
+    assert json.loads((tmp_path / "runs" / "eagle3" / "run_info.json").read_text())["aux_layer_ids"] == [2, 4, 7]
