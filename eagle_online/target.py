@@ -8,6 +8,7 @@ computed over the draft vocabulary rows of lm_head only.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -179,7 +180,9 @@ class FrozenTarget(nn.Module):
         holding the tokens before them): their aux features, final hidden states and full logits."""
         self._captured.clear()
         base = self.model.get_decoder()
-        out = base(input_ids=input_ids[None], position_ids=position_ids[None], past_key_values=cache, use_cache=True)
+        cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        # transformers 5.24 renamed past_key_values to cache; the GPU image's 5.17 knows only the old name
+        out = base(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=True, **{cache_arg: cache})
         last = out.last_hidden_state[0]
         aux = torch.cat([self._captured.pop(i)[0] for i in self.aux_layer_ids], dim=-1)
         with full_params(self.lm_head_weight):  # gathered under ZeRO-3 (every rank decodes the same prompts)
