@@ -85,11 +85,12 @@ class _LinearSoftCrossEntropy(torch.autograd.Function):
             n = h.shape[0]
             acc = accumulation_dtype(dtype)
             teacher = TeacherTargets(teacher_logits, teacher_lse, None)
-            need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+            need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # a frozen lm_head: no dw
+            need_grad = need_dh or need_dw
             total = torch.zeros((), dtype=acc, device=h.device)
             argmax = torch.empty(n, dtype=torch.long, device=h.device)
-            dh = torch.empty_like(h) if need_grad else None
-            dw = torch.zeros(w.shape, dtype=acc, device=h.device) if need_grad else None
+            dh = torch.empty_like(h) if need_dh else None
+            dw = torch.zeros(w.shape, dtype=acc, device=h.device) if need_dw else None
             for s in range(0, n, chunk_rows):
                 z = (h[s : s + chunk_rows] @ w.T).to(acc)
                 p = teacher.probs(rows[s : s + chunk_rows]).to(acc)
@@ -98,11 +99,13 @@ class _LinearSoftCrossEntropy(torch.autograd.Function):
                 argmax[s : s + chunk_rows] = z.argmax(dim=-1)
                 if need_grad:
                     g = z.sub_(lse).exp_().sub_(p).div_(n).to(dtype)  # (softmax(z) - p) / n, in place of z
-                    dh[s : s + chunk_rows] = g @ w
-                    dw += g.T @ h[s : s + chunk_rows]
+                    if need_dh:
+                        dh[s : s + chunk_rows] = g @ w
+                    if need_dw:
+                        dw += g.T @ h[s : s + chunk_rows]
             loss = total / max(n, 1)
         if need_grad:
-            ctx.save_for_backward(dh, dw.to(dtype))
+            ctx.save_for_backward(dh, dw.to(dtype) if need_dw else None)
         ctx.mark_non_differentiable(argmax)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss, argmax
@@ -111,8 +114,8 @@ class _LinearSoftCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_argmax):
         dh, dw = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        return (dh.to(h_dtype) * grad_loss.to(h_dtype), dw.to(w_dtype) * grad_loss.to(w_dtype),
-                None, None, None, None)
+        return (None if dh is None else dh.to(h_dtype) * grad_loss.to(h_dtype),
+                None if dw is None else dw.to(w_dtype) * grad_loss.to(w_dtype), None, None, None, None)
 
 
 @dataclass

@@ -59,6 +59,20 @@ def test_fused_soft_cross_entropy_under_bf16_autocast():
         torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-3)
 
 
+def test_fused_soft_cross_entropy_through_a_frozen_weight():
+    """EAGLE-1 and the MLP read the target's frozen lm_head: hidden's gradient is the same, and none is
+    formed for the weight."""
+    h, w, teacher_logits, rows = _case(torch.float32)
+    plain = _plain(h, w, teacher_logits, rows, scale=0.37)
+    h.grad = None
+    frozen = w.detach()
+    out = linear_soft_cross_entropy(h, frozen, TeacherTargets.from_logits(teacher_logits), rows, 4)
+    (0.37 * out.loss).backward()
+    assert frozen.grad is None
+    torch.testing.assert_close(out.loss.detach(), plain[0])
+    torch.testing.assert_close(h.grad, plain[2])
+
+
 def test_fused_soft_cross_entropy_with_no_rows():
     h, w, teacher_logits, _ = _case(torch.float32)
     rows = torch.zeros(0, dtype=torch.long)

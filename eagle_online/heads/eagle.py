@@ -26,7 +26,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedd
 from eagle_online.heads.base import DraftStep, HeadOutput, LayerDrafter, draft_ids, frozen_copy
 from eagle_online.heads.eagle3 import DocumentLayout, TTTAttention, eagle3_config, shift_left
 from eagle_online.heads.layers import RMSNorm, SwiGLUMLP
-from eagle_online.losses import StepMetrics, accuracy, soft_cross_entropy
+from eagle_online.losses import StepMetrics, TeacherTargets, linear_soft_cross_entropy
 
 # SGLang registers LlamaForCausalLMEagle; vLLM's EAGLEConfig turns each architecture not starting with
 # "Eagle" into "Eagle" + name (vllm/transformers_utils/configs/eagle.py) and registers
@@ -135,13 +135,11 @@ class EagleHead(nn.Module):
         feature_loss = F.smooth_l1_loss(pred, goal) if len(rows) else pred.sum()
         # The CE is over the draft-vocabulary rows of lm_head: the teacher comes that way (the full
         # vocabulary at 16k tokens × 128k would be 8 GB of fp32 logits) and the regression carries
-        # the rest of the signal.
-        logits = pred @ self.lm_head.weight[draft_ids(self.d2t)].float().T
-        teacher = target.teacher_logits.reshape(b * t, -1)[rows + 1].float().softmax(-1)
-        ce = soft_cross_entropy(logits, teacher)
-        loss = self.feature_weight * feature_loss + self.ce_weight * ce
-        return HeadOutput(loss=loss, metrics=StepMetrics([ce.detach()], [accuracy(logits.detach(), teacher)],
-                                                         [len(rows)]))
+        # the rest of the signal. Fused and chunked as EAGLE-3's: no [rows × vocab] logits are kept.
+        teacher = TeacherTargets.from_logits(target.teacher_logits.reshape(b * t, -1))
+        ce = linear_soft_cross_entropy(pred, self.lm_head.weight[draft_ids(self.d2t)], teacher, rows + 1)
+        loss = self.feature_weight * feature_loss + self.ce_weight * ce.loss
+        return HeadOutput(loss=loss, metrics=StepMetrics([ce.loss.detach()], [ce.accuracy], [len(rows)]))
 
 
 class EagleDrafter(LayerDrafter):

@@ -16,7 +16,7 @@ from transformers import LlamaConfig
 
 from eagle_online.heads.base import Drafter, DraftStep, HeadOutput, frozen_copy, scatter_to_target
 from eagle_online.heads.eagle3 import DocumentLayout, shift_left
-from eagle_online.losses import StepMetrics, accuracy, soft_cross_entropy
+from eagle_online.losses import StepMetrics, TeacherTargets, linear_soft_cross_entropy
 
 ARCHITECTURE = "EagleOnlineMLPDraft"
 
@@ -78,11 +78,10 @@ class MLPHead(nn.Module):
         valid = (shift_left(loss_mask, 2).bool() & (shift_left(doc, 2, fill=-1) == doc)
                  & shift_left(target.teacher_in_draft, 1, fill=False))
         rows = valid.reshape(-1).nonzero().squeeze(1)
-        logits = self.logits(input_ids.reshape(-1)[rows + 1]).float()
-        teacher = target.teacher_logits.reshape(b * t, -1)[rows + 1].float().softmax(-1)
-        loss = soft_cross_entropy(logits, teacher)
-        return HeadOutput(loss=loss, metrics=StepMetrics([loss.detach()], [accuracy(logits.detach(), teacher)],
-                                                         [len(rows)]))
+        hidden = self.blocks(self.embed_tokens(input_ids.reshape(-1)[rows + 1]).to(self.lm_head.weight.dtype))
+        teacher = TeacherTargets.from_logits(target.teacher_logits.reshape(b * t, -1))
+        ce = linear_soft_cross_entropy(hidden, self.lm_head.weight, teacher, rows + 1)
+        return HeadOutput(loss=ce.loss, metrics=StepMetrics([ce.loss.detach()], [ce.accuracy], [len(rows)]))
 
 
 class MLPDrafter(Drafter):
