@@ -42,10 +42,14 @@ The whole benchmark with these settings (`OMP_NUM_THREADS=1 python launch/bench.
 300 steps, 1000 rows, 4096 tokens/step, draft vocab 4096, EAGLE-3 ids [2, 4, 7] and TTT 7, 16 prompts):
 
     draft    tau T=0  tau T=1  untrained T=0  untrained T=1  acc_0
-    eagle3     1.757    1.881          1.000          1.113  0.401
+    eagle3     1.757    1.956          1.000          1.113  0.401
     eagle1     1.945    2.525          1.002          1.252  0.497
-    mlp        1.712    2.000          1.000          1.219  0.344
+    mlp        1.792    1.898          1.000          1.219  0.342
     bigram     1.496    1.702
+
+(rerun at d783a87, after the EAGLE-1 head moved to the lean layers: training 961 s EAGLE-3, 242 s
+EAGLE-1, 211 s MLP; an earlier run of the same settings gave EAGLE-3 1.757 / 1.881 and MLP 1.712 /
+2.000, which is the run-to-run spread at T=1 from 16 prompts.)
 
 (with the engine-default ids [2, 4, 5] and a 2048-token draft vocab: EAGLE-3 1.615 / 1.923, acc_0 0.372.)
 EAGLE-3 gains greedily and in acc_0 but still trails EAGLE-1, and at T=1 sits with the MLP (16 prompts
