@@ -15,9 +15,13 @@ Arithmetic from the target's shapes, not a measurement. What it counts, per GPU:
   logits (in the target's dtype, with an fp32 log-sum-exp per token) and one chunk of the
   full-vocabulary argmax scan.
 
-Not counted: the head's own activations (its TTT unroll: they depend on the head's implementation and
-are measured by `bench.py throughput`), allocator slack, the CUDA context. `headroom_gb` is what an
-80 GB GPU has left for those.
+- the head's activations: what autograd keeps for the EAGLE-3 head's backward over its TTT unroll under
+  bf16 autocast, with every position trained (an upper bound: chat data trains 70-80% of them). The
+  count follows heads/eagle3.py tensor by tensor; tests/test_plan.py checks it byte for byte against
+  saved-tensor hooks, and `bench.py throughput` measures it on any run (`head_saved_bytes`).
+
+Not counted: backward's transient tensors (activation gradients, the fused loss's chunk), allocator
+slack, the CUDA context. `headroom_gb` is what an 80 GB GPU has left for those.
 
 Communication, bytes each GPU receives per optimizer step (gradient_accumulation_steps micro-steps):
 ZeRO-3 gathers every non-persistent target parameter once per micro-step (ring all-gather: (n-1)/n of
@@ -125,6 +129,28 @@ def eagle3_head_params(t: TargetShapes, draft_vocab: int) -> int:
     return 3 * h * h + 2 * h * (q + 2 * kv) + q * h + 3 * h * t.intermediate + 4 * h + draft_vocab * h
 
 
+def eagle3_head_activation_bytes(t: TargetShapes, draft_vocab: int, tokens: int, ttt_length: int,
+                                 scored_rows: int | None = None) -> int:
+    """Bytes the EAGLE-3 head (heads/eagle3.py) keeps for backward on a packed micro-batch of `tokens`,
+    bf16 autocast, unrolled `ttt_length` steps; `scored_rows` is the number of (position, step) pairs
+    the loss scores over all steps (default: every position at every step, an upper bound).
+
+    What is kept, all bf16 unless named. Per token and TTT step: the MLP's gate and up (2 × I); tensors 6·H
+    wide in all (the 2H-wide attention input, norm outputs, residual, layer output); q and the
+    attention output (2 × heads·head_dim); k and v (2 × kv_heads·head_dim); rotary cos and sin
+    (2 × head_dim); fp32 log-sum-exp per head and three fp32 1/rms. Per scored row: the normed hidden
+    state twice, its int64 index and an fp32 scale. Per step: the fused loss's [draft vocab × H] lm_head
+    gradient. Once: fc's 3H input and one H-wide tensor per token, and autocast's cached bf16 copies of
+    q/k/v_proj (2H inputs) and two H × I MLP weights."""
+    h, i = t.hidden, t.intermediate
+    q, kv = t.heads * t.head_dim, t.kv_heads * t.head_dim
+    scored = tokens * ttt_length if scored_rows is None else scored_rows
+    per_token_step = 4 * i + 12 * h + 4 * q + 4 * kv + 4 * t.head_dim + 4 * t.heads + 12
+    per_step = tokens * per_token_step + 2 * draft_vocab * h
+    once = tokens * 8 * h + 2 * (2 * h * q + 4 * h * kv + 2 * h * i)
+    return ttt_length * per_step + scored * (4 * h + 12) + once
+
+
 @dataclass(frozen=True)
 class Layout:
     """GPUs in all and per node; hpz is the node-local partition size (1 = off)."""
@@ -154,6 +180,7 @@ class MemoryPlan:
     head_states: int
     teacher_rows: int
     target_activations: int
+    head_activations: int
     allgather_bytes: int  # received per GPU per optimizer step
     allgather_internode_bytes: int  # of which from other nodes
     head_comm_bytes: int  # DDP gradient all-reduce (+ zero1 broadcast), received per GPU per step
@@ -161,7 +188,7 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return (self.target_weights + self.target_gather_peak + self.head_states + self.teacher_rows
-                + self.target_activations)
+                + self.target_activations + self.head_activations)
 
     @property
     def headroom_gb(self) -> float:
@@ -214,6 +241,8 @@ def plan(recipe: Recipe, layout: Layout, shapes: TargetShapes) -> MemoryPlan:
         head_states=round(head_states),
         teacher_rows=recipe.draft.draft_vocab_size * t.hidden * b,
         target_activations=round(layer_working + features + teacher),
+        head_activations=eagle3_head_activation_bytes(t, recipe.draft.draft_vocab_size, tokens,
+                                                      recipe.draft.ttt_length),
         allgather_bytes=round(per_forward * ga),
         allgather_internode_bytes=round(internode * ga),
         head_comm_bytes=round(head_comm),
@@ -251,9 +280,9 @@ def format_plan(recipe: Recipe, shapes: TargetShapes, source: str, gpus_per_node
         f"{recipe.training.gradient_accumulation_steps}, optimizer sharding {recipe.training.optimizer_sharding}.",
         f"Shapes from {source}. GB = 1e9 bytes, per GPU; traffic is received per GPU per optimizer step.",
         "",
-        "| layout | target weights | gather peak | head states | teacher rows | target activations | total "
-        "| left of 80 GB | all-gather | of it across nodes | head grads comm |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layout | target weights | gather peak | head states | teacher rows | target activations "
+        "| head activations | total | left of 80 GB | all-gather | of it across nodes | head grads comm |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for layout in standard_layouts(recipe, gpus_per_node):
         p = plan(recipe, layout, shapes)
@@ -261,13 +290,15 @@ def format_plan(recipe: Recipe, shapes: TargetShapes, source: str, gpus_per_node
             layout.hpz, layout.gpus) == effective_hpz(recipe.target.zero3.hpz_partition_size, layout.gpus))
         lines.append(
             f"| {p.layout}{' *' if own else ''} | {_gb(p.target_weights)} | {_gb(p.target_gather_peak)} "
-            f"| {_gb(p.head_states)} | {_gb(p.teacher_rows)} | {_gb(p.target_activations)} | {_gb(p.total)} "
+            f"| {_gb(p.head_states)} | {_gb(p.teacher_rows)} | {_gb(p.target_activations)} "
+            f"| {_gb(p.head_activations)} | {_gb(p.total)} "
             f"| {p.headroom_gb:.1f} | {_gb(p.allgather_bytes)} | {_gb(p.allgather_internode_bytes)} "
             f"| {_gb(p.head_comm_bytes)} |"
         )
     lines += [
         "",
-        "* = the recipe's own target.sharding / hpz_partition_size. 'left of 80 GB' is what remains for the "
-        "head's activations (not modelled: measure with bench.py throughput), allocator slack and the CUDA context.",
+        "* = the recipe's own target.sharding / hpz_partition_size. 'head activations': every position "
+        "trained, bf16 autocast (an upper bound). 'left of 80 GB' is what remains for backward's transient "
+        "tensors, allocator slack and the CUDA context.",
     ]
     return "\n".join(lines)

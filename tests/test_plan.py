@@ -4,8 +4,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from eagle_online.bench.throughput import saved_tensor_bytes
 from eagle_online.heads.eagle3 import Eagle3Head, eagle3_config
-from eagle_online.plan import KNOWN_SHAPES, Layout, TargetShapes, eagle3_head_params, format_plan, plan, target_shapes
+from eagle_online.plan import (
+    KNOWN_SHAPES,
+    Layout,
+    TargetShapes,
+    eagle3_head_activation_bytes,
+    eagle3_head_params,
+    format_plan,
+    plan,
+    target_shapes,
+)
 from eagle_online.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +68,34 @@ def test_shapes_come_from_a_file_the_table_or_nowhere():
     assert "KNOWN_SHAPES" in source or "local cache" in source
     with pytest.raises(ValueError, match="no shapes for target"):
         target_shapes("someone/not-a-model-we-know")
+
+
+@pytest.mark.parametrize("shapes, ttt", [
+    (TargetShapes(hidden=96, layers=4, intermediate=200, heads=4, kv_heads=2, head_dim=16, vocab=500), 7),
+    (TargetShapes(hidden=64, layers=4, intermediate=176, heads=8, kv_heads=8, head_dim=8, vocab=300), 3),
+])
+def test_head_activations_are_what_autograd_saves(shapes, ttt):
+    """The plan's count of the EAGLE-3 head's saved activations equals, byte for byte, what saved-tensor
+    hooks see for the real head under bf16 autocast (two conversations of 32 tokens, the first 16
+    untrained), given the rows the head reports it scored."""
+    draft_vocab, t = 72, 64
+    config = _hf_config(shapes)
+    head = Eagle3Head(eagle3_config(config, draft_vocab))
+    g = torch.Generator().manual_seed(0)
+    pos = torch.cat([torch.arange(t // 2)] * 2)[None]
+    mask = torch.ones(1, t, dtype=torch.long)
+    mask[0, : t // 4] = 0
+    outputs = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        saved = saved_tensor_bytes(lambda: outputs.append(head.unroll(
+            torch.randn(1, t, 3 * shapes.hidden, generator=g).bfloat16(),
+            torch.randint(0, shapes.vocab, (1, t), generator=g), pos, mask,
+            torch.randn(1, t, draft_vocab, generator=g).bfloat16(), torch.ones(1, t, dtype=torch.bool),
+            ttt_length=ttt)), [*head.parameters(), *head.buffers()])
+    scored = sum(outputs[0].metrics.counts)
+    assert 0 < scored < t * ttt
+    assert saved == eagle3_head_activation_bytes(shapes, draft_vocab, t, ttt, scored_rows=scored)
+    assert eagle3_head_activation_bytes(shapes, draft_vocab, t, ttt) > saved  # the default bound
 
 
 def test_sharding_arithmetic():

@@ -137,6 +137,24 @@ def synthetic_data(vocab_size: int, tokens: int, max_length: int, seed: int = 0)
     return PreparedData(examples=examples, stats=stats)
 
 
+
+def saved_tensor_bytes(fn, exclude=()) -> int:
+    """Bytes of the tensors autograd saves for backward while `fn()` runs, each storage counted once,
+    the storages of the tensors in `exclude` (parameters, inputs held anyway) not counted."""
+    held = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in held:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        res = fn()
+    del res
+    return sum(seen.values())
+
 class _Bench:
     """A set-up trainer: runs step i exactly as `Trainer.train` does, and each of its phases alone."""
 
@@ -165,21 +183,9 @@ class _Bench:
         tr, acc = self.trainer, self.trainer.accelerator
         batch = tr._to_device(tr._micro_batches(index)[0])
         out = tr.target(batch.input_ids, batch.position_ids)
-        held = {t.untyped_storage().data_ptr() for t in tr.head.parameters()}
-        held |= {t.untyped_storage().data_ptr() for t in tr.head.buffers()}
-        held |= {t.untyped_storage().data_ptr() for t in vars(out).values()}
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in held:
-                seen[ptr] = t.untyped_storage().nbytes()
-            return t
-
-        with acc.autocast(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            res = tr._head_forward(out, batch)
-        del res
-        return sum(seen.values())
+        with acc.autocast():
+            return saved_tensor_bytes(lambda: tr._head_forward(out, batch),
+                                      [*tr.head.parameters(), *tr.head.buffers(), *vars(out).values()])
 
     def phases_alone(self, index: int) -> dict[str, float]:
         """Seconds of each phase of step `index` run by itself, every micro-batch of the step."""
