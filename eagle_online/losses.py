@@ -13,7 +13,8 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor
     selected). Equal to KL(teacher ‖ student) plus the teacher's entropy, a constant for the student.
 
     Written as logsumexp(z) − Σ_v p(v)·z(v) (Σ p = 1), so no [N, V] log-softmax is kept for backward.
-    Returns 0 (with a graph) for no rows.
+    Returns 0 (with a graph) for no rows. The plain definition over materialised logits: the heads train
+    with `linear_soft_cross_entropy`, which the tests check against this.
     """
     z = student_logits.float()
     if z.shape[0] == 0:

@@ -106,6 +106,10 @@ class FrozenTarget(nn.Module):
                 + (" (the defaults repeat for targets with fewer than 7 layers)" if aux_layer_ids is None else "")
             )
         self._captured: dict[int, torch.Tensor] = {}
+        # transformers 5.24 renamed the decoder's past_key_values to cache; the GPU image's 5.17 knows only
+        # the old name. Looked up once here, not on every verification step.
+        decoder_args = inspect.signature(model.get_decoder().forward).parameters
+        self._cache_arg = "cache" if "cache" in decoder_args else "past_key_values"
         for i in self.aux_layer_ids:
             layers[i].register_forward_pre_hook(self._capture_hook(i), with_kwargs=True)
         # The draft-vocab rows of lm_head are taken once: the teacher never needs the rest except for
@@ -180,9 +184,8 @@ class FrozenTarget(nn.Module):
         holding the tokens before them): their aux features, final hidden states and full logits."""
         self._captured.clear()
         base = self.model.get_decoder()
-        cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-        # transformers 5.24 renamed past_key_values to cache; the GPU image's 5.17 knows only the old name
-        out = base(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=True, **{cache_arg: cache})
+        out = base(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=True,
+                   **{self._cache_arg: cache})
         last = out.last_hidden_state[0]
         aux = torch.cat([self._captured.pop(i)[0] for i in self.aux_layer_ids], dim=-1)
         with full_params(self.lm_head_weight):  # gathered under ZeRO-3 (every rank decodes the same prompts)

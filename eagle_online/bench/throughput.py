@@ -137,7 +137,6 @@ def synthetic_data(vocab_size: int, tokens: int, max_length: int, seed: int = 0)
     return PreparedData(examples=examples, stats=stats)
 
 
-
 def saved_tensor_bytes(fn, exclude=()) -> int:
     """Bytes of the tensors autograd saves for backward while `fn()` runs, each storage counted once,
     the storages of the tensors in `exclude` (parameters, inputs held anyway) not counted."""
@@ -154,6 +153,7 @@ def saved_tensor_bytes(fn, exclude=()) -> int:
         res = fn()
     del res
     return sum(seen.values())
+
 
 class _Bench:
     """A set-up trainer: runs step i exactly as `Trainer.train` does, and each of its phases alone."""
