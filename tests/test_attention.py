@@ -159,6 +159,25 @@ def test_varlen_target_decodes_with_a_kv_cache_as_sdpa_does(tiny_llama):
         torch.testing.assert_close(got.aux_hidden, want.aux_hidden, rtol=1e-5, atol=1e-5)
 
 
+def test_cuda_varlen_passes_what_the_installed_op_declares():
+    """torch's private varlen op grew arguments between versions (published forms: scale and window_size
+    without enable_gqa; 2.13's with enable_gqa and more): the call passes those the installed op's schema
+    names, no more."""
+    from types import SimpleNamespace
+
+    from eagle_online.attention import CudaVarlen
+
+    def op(*names):
+        args = [SimpleNamespace(name=n) for n in ("query", "key", "value", "cu_seq_q", "cu_seq_k", *names)]
+        return SimpleNamespace(default=SimpleNamespace(_schema=SimpleNamespace(arguments=args)))
+
+    newest = op("max_q", "max_k", "is_causal", "scale", "window_size", "enable_gqa", "seqused_k")
+    assert CudaVarlen.options(newest, 0.1, True) == {"scale": 0.1, "window_size": [-1, 0], "enable_gqa": True}
+    older = op("max_q", "max_k", "is_causal", "scale", "window_size")
+    assert CudaVarlen.options(older, 0.1, True) == {"scale": 0.1, "window_size": [-1, 0]}
+    assert CudaVarlen.options(op("max_q", "max_k", "is_causal", "scale"), 0.1, False) == {"scale": 0.1}
+
+
 @pytest.mark.gpu
 def test_cuda_varlen_matches_math_kernel_with_diagonal_keys():
     """On a GPU: the TTT attention (step-0 keys through the CUDA varlen kernel, two diagonal steps merged
