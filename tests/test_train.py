@@ -152,8 +152,8 @@ def test_bf16_training_learns_and_its_export_reproduces_the_heads_logits(tmp_pat
     losses = [r["loss"] for r in rows if "loss" in r]
     assert all(map(math.isfinite, losses)) and len(losses) >= 5
     assert sum(losses[-2:]) / 2 < 0.9 * sum(losses[:2]) / 2, losses
-    if device == "cuda":
-        assert rows[-1]["eval_tau"] >= 1.0, rows[-1]
+    if device == "cuda":  # τ was measured by speculative decoding on the GPU: between 1 and 1 + k (k = 4 here)
+        assert 1.0 <= rows[-1]["eval_tau"] <= 5.0, rows[-1]
 
     best = best_checkpoint(out)
     name = best["checkpoint"] if best else checkpoint_names(out)[-1]
