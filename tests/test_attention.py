@@ -1,7 +1,7 @@
 """Mask-free attention over packed conversations (eagle_online.attention): each kernel against
 per-conversation sdpa, and the `varlen` target attention against transformers' own sdpa.
 
-The CUDA varlen kernel is checked against the math kernel when a CUDA device is present.
+The CUDA varlen kernel and the bf16 target on CUDA are checked when a CUDA device is present (marker gpu).
 """
 import pytest
 import torch
@@ -102,6 +102,40 @@ def test_varlen_target_equals_sdpa_target_on_packed_rows(tiny_llama, with_layout
     assert torch.equal(varlen.teacher_in_draft, sdpa.teacher_in_draft)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_varlen_target_equals_sdpa_target_in_bf16(device):
+    """The bf16 target as training runs it (`varlen`: torch's CUDA flash varlen op on a GPU, the CPU flash
+    kernel on CPU) against transformers' sdpa with its block-diagonal mask, on packed rows of head_dim 64.
+
+    Tolerance: both run 8 bf16 layers whose every matmul output is rounded to 8 mantissa bits (relative
+    2^-9), with different kernels summing in different orders, so they agree to a few bf16 ulps of the
+    largest value, not bit for bit: features and logits within 3% of the tensor's largest magnitude, and
+    the teacher's argmax test (is the top token a draft token) equal on at least 97% of positions (a
+    near-tie may flip)."""
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                               vocab_size=512, max_position_embeddings=1024)
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
+    draft_ids = torch.arange(0, 512, 3, device=device)
+    pos = _packed([[70, 5, 181], [256]]).to(device)
+    ids = torch.randint(0, 512, pos.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    sdpa = FrozenTarget(model, None, draft_ids)(ids, pos)
+    model.set_attn_implementation(resolve_attn_implementation("varlen", torch.device(device)))
+    varlen = FrozenTarget(model, None, draft_ids)(ids, pos)
+    for name in ("aux_hidden", "last_hidden", "teacher_logits"):
+        got, want = getattr(varlen, name), getattr(sdpa, name)
+        assert got.dtype == torch.bfloat16, name
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.03 * want.float().abs().max().item(),
+                                   msg=name)
+    agree = (varlen.teacher_in_draft == sdpa.teacher_in_draft).float().mean().item()
+    assert agree >= 0.97, agree
+
+
 def test_varlen_target_decodes_with_a_kv_cache_as_sdpa_does(tiny_llama):
     """Speculative decoding verifies through a KV cache (FrozenTarget.decode): with `varlen` attention,
     a prompt then chunks of 3 and 1 new tokens give the logits and aux features the sdpa target gives."""
@@ -125,7 +159,26 @@ def test_varlen_target_decodes_with_a_kv_cache_as_sdpa_does(tiny_llama):
         torch.testing.assert_close(got.aux_hidden, want.aux_hidden, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_varlen_passes_what_the_installed_op_declares():
+    """torch's private varlen op grew arguments between versions (published forms: scale and window_size
+    without enable_gqa; 2.13's with enable_gqa and more): the call passes those the installed op's schema
+    names, no more."""
+    from types import SimpleNamespace
+
+    from eagle_online.attention import CudaVarlen
+
+    def op(*names):
+        args = [SimpleNamespace(name=n) for n in ("query", "key", "value", "cu_seq_q", "cu_seq_k", *names)]
+        return SimpleNamespace(default=SimpleNamespace(_schema=SimpleNamespace(arguments=args)))
+
+    newest = op("max_q", "max_k", "is_causal", "scale", "window_size", "enable_gqa", "seqused_k")
+    assert CudaVarlen.options(newest, 0.1, True) == {"scale": 0.1, "window_size": [-1, 0], "enable_gqa": True}
+    older = op("max_q", "max_k", "is_causal", "scale", "window_size")
+    assert CudaVarlen.options(older, 0.1, True) == {"scale": 0.1, "window_size": [-1, 0]}
+    assert CudaVarlen.options(op("max_q", "max_k", "is_causal", "scale"), 0.1, False) == {"scale": 0.1}
+
+
+@pytest.mark.gpu
 def test_cuda_varlen_matches_math_kernel_with_diagonal_keys():
     """On a GPU: the TTT attention (step-0 keys through the CUDA varlen kernel, two diagonal steps merged
     through the log-sum-exp) and its gradients equal the same computed with the explicit math kernel

@@ -206,19 +206,20 @@ def test_sigterm_then_resume_matches_uninterrupted_run(runs):
 # ------------------------------------------------------------------------------------- probes
 def _probe(tmp_path, launcher: list[str], *overrides: str) -> list[dict]:
     _run(launcher + [str(PROBE), str(tmp_path), *overrides])
-    return [torch.load(p, weights_only=False) for p in sorted(tmp_path.glob("rank*.pt"))]
+    return [torch.load(p, weights_only=False, map_location="cpu") for p in sorted(tmp_path.glob("rank*.pt"))]
 
 
-def _reference():
-    """The same probe in this process, unsharded."""
+def _reference(device: str = "cpu"):
+    """The same probe in this process, unsharded, on `device` (results on the CPU)."""
     sys.path.insert(0, str(PROBE.parent))
     from zero3_probe import draft_ids, probe_inputs
 
     from eagle_online.target import FrozenTarget, load_target_model
 
     cfg = load_recipe("tiny_eagle3").target
-    target = FrozenTarget(load_target_model(cfg, torch.device("cpu")), None, draft_ids())
-    return target, target(*probe_inputs())
+    target = FrozenTarget(load_target_model(cfg, torch.device(device)), None, draft_ids().to(device))
+    out = target(*(x.to(device) for x in probe_inputs()))
+    return target.cpu(), type(out)(**{k: v.cpu() for k, v in vars(out).items()})
 
 
 @pytest.mark.slow
@@ -263,6 +264,28 @@ def test_node_local_hpz_keeps_gathers_inside_the_node(tmp_path):
         assert r["received_per_forward"][1:] == [paper.allgather_bytes] * 2
         torch.testing.assert_close(r["aux_hidden"], ref.aux_hidden, rtol=0, atol=1e-6)
         assert torch.equal(r["teacher_in_draft"], ref.teacher_in_draft)
+
+
+@pytest.mark.gpu
+def test_zero3_on_one_cuda_process(tmp_path):
+    """DeepSpeed ZeRO-3 on CUDA (NCCL) with one process started without a launcher, as `python launch/train.py`
+    on one GPU: the probe's rank holds the whole fp32 target through DeepSpeed's partitions and gather hooks and
+    captures what the unsharded target captures on the same GPU (the same kernels: 1e-5); then three training
+    steps of the recipe with target.sharding=zero3 run and export."""
+    from tests.conftest import SHAREGPT_SAMPLE
+
+    [rank] = _probe(tmp_path, [sys.executable], "target.zero3.param_persistence_threshold=0")
+    target, ref = _reference("cuda")
+    assert rank["world"] == 1 and rank["repeatable"]
+    assert rank["counts"].local == rank["counts"].total == sum(p.numel() for p in target.parameters())
+    torch.testing.assert_close(rank["aux_hidden"], ref.aux_hidden, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rank["teacher_logits"], ref.teacher_logits, rtol=0, atol=1e-5)
+    assert torch.equal(rank["teacher_in_draft"], ref.teacher_in_draft)
+    out = tmp_path / "run"
+    _run([sys.executable, *_train_args(out, "target.sharding=zero3", f"data.sources.0.path={SHAREGPT_SAMPLE}",
+                                       "training.max_steps=3", "eval.every=null")])
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert (out / "export" / "model.safetensors").exists()
 
 
 def test_deepspeed_launch_config_is_refused_with_a_reason(tmp_path):
