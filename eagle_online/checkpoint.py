@@ -29,7 +29,7 @@ import os
 import random
 import socket
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -220,22 +220,22 @@ def data_fingerprint(examples) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ the lock
-def lock_run_dir(run_dir: Path) -> int:
+def lock_run_dir(run_dir: Path) -> IO[bytes]:
     """Take `run_dir/.lock` (flock, released by the kernel when the process dies, so a crashed run never
-    leaves a stale lock); returns the descriptor to keep open for the run. A second run on the same
-    directory fails at once, naming the holder."""
+    leaves a stale lock); returns the open file, which holds the lock until it is closed (or collected).
+    A second run on the same directory fails at once, naming the holder."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    f = open(path, "a+b")  # noqa: SIM115 - kept open for the run: it is the lock
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
+        holder = os.pread(f.fileno(), 200, 0).decode(errors="replace").strip() or "another process"
+        f.close()
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise
         raise CheckpointError(f"run directory {run_dir} is in use by {holder} (it holds {path}): wait for that "
                               "run to finish, or give this one another run.output_dir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
-    return fd
+    os.ftruncate(f.fileno(), 0)
+    os.pwrite(f.fileno(), f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+    return f

@@ -518,7 +518,7 @@ def choose_checkpoint(run_dir, which: str = "last", min_prompts: int = 8) -> tup
     or a checkpoint's name."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ExportError(f"{run_dir}: no such run directory")
+        raise ExportError(f"{run_dir} is not a run directory: no such directory")
     names = checkpoint_names(run_dir)
     if not names:
         raise ExportError(f"no complete checkpoint under {run_dir / 'checkpoints'}")

@@ -225,7 +225,7 @@ def test_a_full_disk_keeps_the_last_complete_checkpoint(tmp_path, monkeypatch):
 # ------------------------------------------------------------------- 5. one run per directory
 def test_a_second_run_on_a_locked_directory_fails_at_once_naming_the_holder(tmp_path):
     out = tmp_path / "run"
-    fd = lock_run_dir(out)
+    lock = lock_run_dir(out)
     try:
         assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} on host ")
         _refused(_train(out), "in use by", f"pid {os.getpid()}", "another run.output_dir")
@@ -233,8 +233,8 @@ def test_a_second_run_on_a_locked_directory_fails_at_once_naming_the_holder(tmp_
         with pytest.raises(CheckpointError, match=f"pid {os.getpid()}"):
             lock_run_dir(out)  # another open of the lock, as another process would
     finally:
-        os.close(fd)
-    os.close(lock_run_dir(out))  # a released (or dead holder's) lock does not block
+        lock.close()
+    lock_run_dir(out).close()  # a released (or dead holder's) lock does not block
 
 
 # ----------------------------------------------------------------- 6. numbers are numbers
