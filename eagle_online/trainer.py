@@ -31,6 +31,7 @@ from eagle_online.checkpoint import (
     data_fingerprint,
     differing_keys,
     disk_full,
+    flatten,
     load_optimizer,
     load_rng,
     lock_run_dir,
@@ -89,15 +90,9 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def _flat(tree: dict) -> dict:
     """A nested recipe as flat scalar hyperparameters (what TensorBoard's hparams accept)."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(tree).items()}
 
 
 def _with_tau_hat(metrics: dict[str, float]) -> dict[str, float]:
@@ -136,7 +131,7 @@ def check_target(recipe: Recipe) -> None:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as e:
         raise RecipeError(f"target.model: {config_file} cannot be read ({e})") from None
-    config = config.get("text_config", config)
+    config = config.get("text_config") or config  # multimodal targets keep the decoder's config apart
     layers, vocab = config.get("num_hidden_layers"), config.get("vocab_size")
     ids = recipe.target.aux_layer_ids
     if isinstance(layers, int) and (ids is not None or recipe.draft.init_from is None):
