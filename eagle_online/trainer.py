@@ -13,7 +13,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -144,6 +144,19 @@ def check_target(recipe: Recipe) -> None:
                           f"vocabulary ({vocab} tokens, {config_file}): use at most {vocab}")
 
 
+@contextmanager
+def _loading_target(name: str):
+    """A target that cannot be found or downloaded (a hub name that does not exist, no network) is the
+    recipe's target.model to fix, not a traceback."""
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        yield
+    except (OSError, HFValidationError) as e:
+        raise RecipeError(f"target.model {name!r} cannot be loaded: {e}".rstrip() + "\nGive a local model directory "
+                          "or a hub name ORG/NAME that is downloaded or reachable") from None
+
+
 class _Interrupt:
     """Turns SIGINT/SIGTERM into a flag, so the loop finishes its step and saves before exiting."""
 
@@ -193,12 +206,14 @@ class Trainer:
             (self.run_dir / "recipe.yaml").write_text(r.to_yaml())
         acc.wait_for_everyone()
 
-        self.tokenizer = load_tokenizer(r.target) if data is None else None
+        with _loading_target(r.target.model):
+            self.tokenizer = load_tokenizer(r.target) if data is None else None
         self.data = data or prepare_data(r.data, self.tokenizer)  # raises DataError when nothing is usable
         self.data_fingerprint = data_fingerprint(self.data.examples)
         self._check_data()
         # partitioned across ranks with target.sharding=zero3
-        model = target_model if target_model is not None else self.dist.load_target(r.target)
+        with _loading_target(r.target.model):
+            model = target_model if target_model is not None else self.dist.load_target(r.target)
         vocab_size = full_shape(model.get_output_embeddings().weight)[0]
         imported = self._import_draft(model) if r.draft.init_from else None
         d2t, t2d = self._draft_vocab(vocab_size, imported)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,13 @@ def test_a_byte_that_is_not_utf8_is_reported_by_line(tmp_path):
     column = second.index(b"\xe9") + 1
     with pytest.raises(DataError, match=rf"data.jsonl:2: not UTF-8 text \(byte 0xe9 at column {column}\)"):
         list(iter_records(DataSource(path=str(path))))
+
+
+def test_a_hub_target_that_cannot_be_had_is_a_message(tmp_path):
+    """A hub name that is not downloaded and cannot be fetched (offline here) names target.model."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--recipe", "tiny_eagle3",
+                           f"run.output_dir={tmp_path / 'out'}", "target.model=no-such-org/no-such-model"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: target.model 'no-such-org/no-such-model' cannot be loaded" in proc.stderr, proc.stderr[-3000:]
