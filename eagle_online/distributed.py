@@ -6,7 +6,7 @@ The design, and why (measured on CPU with torch 2.13, accelerate 1.15, deepspeed
 - **The head is an ordinary accelerate-prepared module**: DDP over all ranks (plain on one). accelerate
   with DeepSpeed plugins (DESIGN §6) would make the head a DeepSpeed engine as well, whose `backward`
   steps the optimizer itself and divides the loss by its own accumulation count; the trainer's step
-  (no_sync, loss / accumulation, clip, step) and its checkpoints (model.safetensors, optimizer.bin) would
+  (no_sync, loss / accumulation, clip, step) and its checkpoints (model.safetensors, optimizer.safetensors) would
   all change with the sharding. Here they do not: `target.sharding` changes only the target.
 - **The target never trains, so DeepSpeed only shards it.** While an `HfDeepSpeedConfig` is alive,
   transformers builds the model under `deepspeed.zero.Init` and loads the checkpoint into the partitions
