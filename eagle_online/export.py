@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
-from eagle_online.checkpoint import MANIFEST, damage
+from eagle_online.checkpoint import MANIFEST, damage, disk_full
 from eagle_online.errors import UserError
 from eagle_online.heads import HEADS, architecture_of
 from eagle_online.heads.eagle import ARCHITECTURE as EAGLE
@@ -300,11 +300,11 @@ def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
     """Fill a temporary sibling of `out`, then rename it into place, replacing `out` only after."""
     if out.exists() and not _is_replaceable(out):
         raise ExportError(f"refusing to replace {out}: it is neither empty nor a draft export")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = out.with_name(f".{out.name}.tmp-{tag}")
-    tmp.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0700
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0700
         write(tmp)
         if out.exists():
             # POSIX has no atomic swap of two directories: the old one steps aside, the new one takes
@@ -319,8 +319,11 @@ def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or disk_full(e):  # a full disk, a read-only folder: nothing was replaced
+            full = " (the disk is full)" if disk_full(e) else ""
+            raise ExportError(f"could not write {out}{full}: {e}; nothing there was replaced") from None
         raise
 
 

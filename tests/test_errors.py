@@ -118,3 +118,16 @@ def test_a_hub_target_that_cannot_be_had_is_a_message(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "error: target.model 'no-such-org/no-such-model' cannot be loaded" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_an_export_that_cannot_be_written_is_a_message(tmp_path, capsys):
+    """--out under a file (as a full disk or a read-only folder would): named, and nothing left behind."""
+    from tests.test_export import _fake_run, _head
+
+    run = tmp_path / "run"
+    _fake_run(run, [("step_00000100", _head(seed=0))])
+    (tmp_path / "afile").write_text("")
+    assert _launcher("export").main(["--run", str(run), "--out", str(tmp_path / "afile" / "export")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: could not write {tmp_path / 'afile' / 'export'}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "run"]
