@@ -6,7 +6,7 @@ The design, and why (measured on CPU with torch 2.13, accelerate 1.15, deepspeed
 - **The head is an ordinary accelerate-prepared module**: DDP over all ranks (plain on one). accelerate
   with DeepSpeed plugins (DESIGN §6) would make the head a DeepSpeed engine as well, whose `backward`
   steps the optimizer itself and divides the loss by its own accumulation count; the trainer's step
-  (no_sync, loss / accumulation, clip, step) and its checkpoints (model.safetensors, optimizer.bin) would
+  (no_sync, loss / accumulation, clip, step) and its checkpoints (model.safetensors, optimizer.safetensors) would
   all change with the sharding. Here they do not: `target.sharding` changes only the target.
 - **The target never trains, so DeepSpeed only shards it.** While an `HfDeepSpeedConfig` is alive,
   transformers builds the model under `deepspeed.zero.Init` and loads the checkpoint into the partitions
@@ -51,13 +51,14 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 
+from eagle_online.errors import UserError
 from eagle_online.metrics import trackers
 from eagle_online.recipe import Recipe, TargetConfig
 
 _closed_a_group = False  # set by Distributed.close: exit_process then skips interpreter finalization
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserError, RuntimeError):
     """A launch that cannot run as asked (wrong launcher config, world size vs. partition size)."""
 
 
@@ -171,7 +172,7 @@ def _skip_cpu_jit_ops() -> None:
 
 
 class _WholeOptimizerState:
-    """Checkpoints a ZeroRedundancyOptimizer as one whole state dict. accelerate calls state_dict on every
+    """Checkpoints a ZeroRedundancyOptimizer as one whole state dict. The trainer calls state_dict on every
     rank and writes rank 0's, so the consolidation (a collective) happens on all ranks at once."""
 
     def __init__(self, optimizer):
@@ -193,6 +194,8 @@ class Distributed:
     sharding: str
     optimizer_sharding: str = "none"
     target_engine: object | None = field(default=None, repr=False)
+    # what a checkpoint saves and loads the optimizer through (state_dict/load_state_dict): set by prepare_head
+    optimizer_state: object | None = field(default=None, repr=False)
 
     @property
     def world(self) -> int:
@@ -242,9 +245,11 @@ class Distributed:
         stays outside accelerate (which would ask each rank for a whole state it does not have) and is
         checkpointed as one whole state instead: rank 0 writes it, every rank loads it and keeps its share."""
         if isinstance(optimizer, torch.optim.AdamW):
-            return self.accelerator.prepare(head, optimizer)
+            head, optimizer = self.accelerator.prepare(head, optimizer)
+            self.optimizer_state = optimizer
+            return head, optimizer
         head = self.accelerator.prepare(head)
-        self.accelerator.register_for_checkpointing(_WholeOptimizerState(optimizer))
+        self.optimizer_state = _WholeOptimizerState(optimizer)
         return head, optimizer
 
     def close(self) -> None:

@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
+from eagle_online.checkpoint import MANIFEST, damage, disk_full
+from eagle_online.errors import UserError
 from eagle_online.heads import HEADS, architecture_of
 from eagle_online.heads.eagle import ARCHITECTURE as EAGLE
 from eagle_online.heads.eagle import VLLM_ARCHITECTURE as EAGLE_VLLM
@@ -75,7 +77,7 @@ INDEX_DTYPES = {"d2t": torch.int64, "t2d": torch.bool}
 _ID_KEY = "eagle_aux_hidden_state_layer_ids"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A checkpoint that would not serve correctly (wrong names, shapes, dtypes, layer ids) or cannot be read."""
 
 
@@ -298,11 +300,11 @@ def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
     """Fill a temporary sibling of `out`, then rename it into place, replacing `out` only after."""
     if out.exists() and not _is_replaceable(out):
         raise ExportError(f"refusing to replace {out}: it is neither empty nor a draft export")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = out.with_name(f".{out.name}.tmp-{tag}")
-    tmp.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0700
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0700
         write(tmp)
         if out.exists():
             # POSIX has no atomic swap of two directories: the old one steps aside, the new one takes
@@ -317,8 +319,11 @@ def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or disk_full(e):  # a full disk, a read-only folder: nothing was replaced
+            full = " (the disk is full)" if disk_full(e) else ""
+            raise ExportError(f"could not write {out}{full}: {e}; nothing there was replaced") from None
         raise
 
 
@@ -510,28 +515,56 @@ def best_checkpoint(run_dir) -> dict | None:
     return best if best.get("checkpoint") in checkpoint_names(run_dir) else None
 
 
+def choose_checkpoint(run_dir, which: str = "last", min_prompts: int = 8) -> tuple[str, str]:
+    """Which checkpoint to export, and why: `last` (the newest complete one), `best` (the best by τ that
+    training recorded, when it was measured on at least `min_prompts` prompts; else the last, saying so),
+    or a checkpoint's name."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExportError(f"{run_dir} is not a run directory: no such directory")
+    names = checkpoint_names(run_dir)
+    if not names:
+        raise ExportError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
+    if which not in ("best", "last"):
+        if which not in names:
+            raise ExportError(f"no complete checkpoint {which!r} under {run_dir / 'checkpoints'}; found {names}")
+        return which, "as asked"
+    if which == "best":
+        best = best_checkpoint(run_dir)
+        if best is None:
+            return names[-1], "the last step: no best by τ was recorded (training.eval.every unset?)"
+        prompts = int(best.get("prompts", 0))
+        if prompts < min_prompts:
+            return names[-1], (f"the last step: the best τ ({best['tau']:.3f} at step {best['step']}) was measured on "
+                               f"{prompts} prompts, fewer than the {min_prompts} a choice by τ needs")
+        return best["checkpoint"], f"the best τ, {best['tau']:.3f} over {prompts} prompts"
+    return names[-1], "the last step"
+
+
 def export_run(run_dir, checkpoint: str | None = None, out=None) -> Path:
-    """Export a training run's checkpoint to `out` (default: RUN_DIR/export). Without `checkpoint`, the
-    best one by τ when training evaluated τ (checkpoints/best.json), else the newest.
+    """Export a training run's checkpoint to `out` (default: RUN_DIR/export): `checkpoint` is a name, `best`
+    or `last` (the default), as choose_checkpoint picks them.
 
     The run directory holds draft_config.json (the head's config), run_info.json
     ({"aux_layer_ids", "target_num_layers"}) and checkpoints/<name>/model.safetensors (the head's
-    state_dict)."""
+    state_dict); a checkpoint with a manifest is checked against it first."""
     run_dir = Path(run_dir)
     for name in ("draft_config.json", "run_info.json"):
         if not (run_dir / name).exists():
             raise ExportError(f"{run_dir} is not a run directory: no {name}")
-    names = checkpoint_names(run_dir)
-    if checkpoint is None:
-        if not names:
-            raise ExportError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
-        best = best_checkpoint(run_dir)
-        checkpoint = best["checkpoint"] if best else names[-1]
-    elif checkpoint not in names:
-        raise ExportError(f"no complete checkpoint {checkpoint!r} under {run_dir / 'checkpoints'}; found {names}")
+    checkpoint, _ = choose_checkpoint(run_dir, checkpoint or "last")
+    where = run_dir / "checkpoints" / checkpoint
+    why = damage(where) if (where / MANIFEST).exists() else None
+    if why is not None:
+        raise ExportError(f"checkpoint {where} is damaged ({why}): export another one with --checkpoint "
+                          f"(complete ones: {checkpoint_names(run_dir)})")
+    try:
+        tensors = load_file(str(where / WEIGHTS_NAME))
+    except Exception as e:  # noqa: BLE001 - safetensors' errors name no file
+        raise ExportError(f"{where / WEIGHTS_NAME} cannot be read ({e}): export another checkpoint with "
+                          f"--checkpoint (complete ones: {checkpoint_names(run_dir)})") from None
     config = LlamaConfig.from_json_file(str(run_dir / "draft_config.json"))
     info = json.loads((run_dir / "run_info.json").read_text())
-    tensors = load_file(str(run_dir / "checkpoints" / checkpoint / WEIGHTS_NAME))
     architecture = architecture_of(config)
     if architecture == ARCHITECTURE:
         head = head_from_tensors(config, tensors)

@@ -5,22 +5,47 @@ unknown keys, and overrides are applied to the raw mapping and validated again a
 """
 from __future__ import annotations
 
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from eagle_online.errors import UserError
+
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe that cannot be used; the message names the file and the key."""
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `ttt_length: true` or `lr: "1e-4"` is an error, not 1 or a silent conversion (an int is
+    # still a valid float: `lr: 1`).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _yaml_float(cls, v, info):
+        """YAML 1.1 reads `1e-4` (no dot) as a string; a float field takes it as the number it spells."""
+        if isinstance(v, str) and _FLOAT.fullmatch(v.strip()) and _takes_float(cls.model_fields[info.field_name]):
+            return float(v)
+        return v
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _takes_float(field) -> bool:
+    annotation = field.annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return float in typing.get_args(annotation)
+    return annotation is float
 
 
 class RunConfig(_Section):
@@ -108,6 +133,9 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(64, gt=0)
     num_draft_tokens: int = Field(4, gt=0, description="k: tokens drafted per target forward")
     temperature: float = Field(0.0, ge=0, description="0: greedy; > 0: rejection sampling at this temperature")
+    min_prompts_for_best: int = Field(
+        8, gt=0, description="training.export_checkpoint=best needs τ measured on at least this many prompts "
+        "(τ from a handful of prompts is noise)")
 
 
 class DataSource(_Section):
@@ -188,9 +216,24 @@ class TrainingConfig(_Section):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(500, gt=0, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, gt=0)
-    resume: bool = Field(True, description="continue from the newest checkpoint in output_dir if there is one")
+    resume: bool = Field(True, description="continue from the newest intact checkpoint in output_dir if there is "
+                         "one; false in a directory that holds a run is refused unless overwrite is set")
+    overwrite: bool = Field(False, description="start over in a directory that holds a run: its checkpoints, "
+                            "metrics, export and records are deleted first")
+    extend: bool = Field(False, description="resume with a different max_steps/epochs (the schedule is stretched "
+                         "to the new total from the checkpoint's step on); without it a changed total is refused")
     export_at_end: bool = True
+    export_checkpoint: Literal["last", "best"] = Field(
+        "last", description="what the export at the end takes: the last step, or the best by τ (needs eval.every "
+        "and eval.num_prompts >= eval.min_prompts_for_best)")
     progress_bar: bool = True
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _list_as_tuple(cls, v):
+        if not isinstance(v, list):  # YAML has no tuples
+            return v
+        return tuple(float(x) if isinstance(x, str) and _FLOAT.fullmatch(x.strip()) else x for x in v)
 
 
 class Recipe(_Section):
@@ -203,6 +246,18 @@ class Recipe(_Section):
     training: TrainingConfig = TrainingConfig()
     regenerate: RegenerateConfig = RegenerateConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _best_needs_enough_prompts(self):
+        if self.training.export_checkpoint == "best":
+            if self.eval.every is None:
+                raise ValueError("training.export_checkpoint=best picks the checkpoint by τ: set eval.every")
+            if self.eval.num_prompts < self.eval.min_prompts_for_best:
+                raise ValueError(
+                    f"training.export_checkpoint=best with eval.num_prompts={self.eval.num_prompts}: τ from fewer "
+                    f"than eval.min_prompts_for_best={self.eval.min_prompts_for_best} prompts is noise; raise "
+                    "eval.num_prompts or export the last step")
+        return self
 
     def to_yaml(self) -> str:
         """The fully resolved recipe, every default written out."""
@@ -233,27 +288,47 @@ def resolve_asset(name_or_path: str) -> str:
 
 
 def apply_override(raw: dict, override: str) -> None:
-    """Apply one `dotted.key=value` override to a raw recipe mapping (value parsed as YAML)."""
+    """Apply one `dotted.key=value` override to a raw recipe mapping (value parsed as YAML). List items are
+    addressed by index (`data.sources.0.max_rows=100`)."""
     if "=" not in override:
         raise RecipeError(f"override {override!r} is not of the form key=value")
     key, value = override.split("=", 1)
-    parts = key.strip().split(".")
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-            continue
-        if not isinstance(node, dict):
-            raise RecipeError(f"override {key!r}: {'.'.join(parts[:i])} is not a section")
-        node = node.setdefault(part, {})
-    last = parts[-1]
-    parsed = yaml.safe_load(value) if value.strip() else None
-    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-        node[int(last)] = parsed
-    elif isinstance(node, dict):
-        node[last] = parsed
-    else:
-        raise RecipeError(f"override {key!r}: {'.'.join(parts[:-1])} is not a section")
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        raise RecipeError(f"override {override!r}: {key!r} is not a dotted key like training.lr")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        parent = ".".join(parts[:i]) or "the recipe"
+        if isinstance(node, list):
+            if not part.isdigit():
+                raise RecipeError(f"override {key!r}: {parent} is a list; address its items by index (0 to "
+                                  f"{len(node) - 1})")
+            if int(part) >= len(node):
+                raise RecipeError(f"override {key!r}: {parent} has {len(node)} item(s), so there is no item "
+                                  f"{part}; set the whole list instead, e.g. '{parent}=[...]'")
+            if last:
+                node[int(part)] = _parse_value(override, value)
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = _parse_value(override, value)
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise RecipeError(f"override {key!r}: {parent} is a value ({node!r}), not a section")
+
+
+def _parse_value(override: str, value: str):
+    try:
+        return yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"override {override!r}: the value {value!r} is not valid YAML ({problem}); quote the "
+                          "whole override in the shell and close its brackets, e.g. 'training.betas=[0.9, 0.95]'"
+                          ) from None
 
 
 def _describe(error: ValidationError, source: str) -> str:
@@ -262,8 +337,10 @@ def _describe(error: ValidationError, source: str) -> str:
         where = ".".join(str(x) for x in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {where}: unknown key")
+        elif e["type"].endswith("_type"):  # strict types: say what was given (`true` for a number)
+            lines.append(f"  {where}: {e['msg']}, got {e['input']!r}")
         else:
-            lines.append(f"  {where}: {e['msg']}")
+            lines.append(f"  {where}: {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 

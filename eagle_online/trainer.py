@@ -8,16 +8,40 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 
+from eagle_online.checkpoint import (
+    EXTEND_KEYS,
+    SCHEDULER,
+    TRAINER_STATE,
+    WEIGHTS,
+    CheckpointError,
+    damage,
+    data_fingerprint,
+    differing_keys,
+    disk_full,
+    flatten,
+    load_optimizer,
+    load_rng,
+    lock_run_dir,
+    recipe_fingerprint,
+    rng_name,
+    save_optimizer,
+    save_rng,
+    write_json,
+    write_manifest,
+)
 from eagle_online.data import PreparedData, format_stats, prepare_data
 from eagle_online.data.packing import PackedBatch, pack_conversations
 from eagle_online.data.vocab import (
@@ -30,16 +54,28 @@ from eagle_online.data.vocab import (
 )
 from eagle_online.distributed import full_shape, gathered_copy, setup_distributed
 from eagle_online.evaluate import evaluate, load_prompts
-from eagle_online.export import BEST_FILE, ExportError, aux_layer_ids_of, best_checkpoint, checkpoint_names, load_draft
+from eagle_online.export import (
+    BEST_FILE,
+    ExportError,
+    aux_layer_ids_of,
+    best_checkpoint,
+    check_aux_layer_ids,
+    checkpoint_names,
+    load_draft,
+)
 from eagle_online.heads import EAGLE3, architecture_of, build_head, configure_training, draft_config, drafter_for
 from eagle_online.heads.eagle3 import Eagle3Head
 from eagle_online.losses import expected_acceptance_length
 from eagle_online.metrics import truncate_metrics
-from eagle_online.recipe import Recipe, resolve_asset
-from eagle_online.target import FrozenTarget, TargetOutput, decoder_layers, load_tokenizer
+from eagle_online.recipe import Recipe, RecipeError, resolve_asset
+from eagle_online.target import FrozenTarget, TargetOutput, decoder_layers, default_aux_layer_ids, load_tokenizer
 from eagle_online.timing import StepTimer
 
 CHECKPOINT_PREFIX = "step_"
+# What a run writes into run.output_dir (training.overwrite=true removes these, nothing else: a
+# `regenerated/` data folder or the lock stay).
+RUN_FILES = ("checkpoints", "metrics.jsonl", "export", "tensorboard", "recipe.yaml", "run_info.json",
+             "data_stats.json", "draft_config.json", "draft_vocab.safetensors")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -54,15 +90,9 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def _flat(tree: dict) -> dict:
     """A nested recipe as flat scalar hyperparameters (what TensorBoard's hparams accept)."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(tree).items()}
 
 
 def _with_tau_hat(metrics: dict[str, float]) -> dict[str, float]:
@@ -81,6 +111,50 @@ def rank_batch_indices(index: int, *, rank: int, world: int, accumulation: int) 
     reads exactly the global batch that W ranks accumulating A read."""
     first = index * accumulation
     return [(first + m) * world + rank for m in range(accumulation)]
+
+
+def check_target(recipe: Recipe) -> None:
+    """What can be checked of a local target before anything is loaded, read or written: the directory and
+    its config.json exist, the aux layer ids are layers it has, the draft vocabulary fits its vocabulary.
+    (A hub name is checked when it is downloaded.)"""
+    model = resolve_asset(recipe.target.model)
+    path = Path(model).expanduser()
+    if not (path.exists() or path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1):
+        return
+    if not path.is_dir():
+        raise RecipeError(f"target.model {recipe.target.model!r}: no such directory (a hub model is named ORG/NAME)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise RecipeError(f"target.model {path}: no config.json there; give the directory that holds the model's "
+                          "config.json, weights and tokenizer")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"target.model: {config_file} cannot be read ({e})") from None
+    config = config.get("text_config") or config  # multimodal targets keep the decoder's config apart
+    layers, vocab = config.get("num_hidden_layers"), config.get("vocab_size")
+    ids = recipe.target.aux_layer_ids
+    if isinstance(layers, int) and (ids is not None or recipe.draft.init_from is None):
+        try:
+            check_aux_layer_ids(ids if ids is not None else default_aux_layer_ids(layers), layers)
+        except ExportError as e:
+            raise RecipeError(f"target.aux_layer_ids: {e} ({config_file} has num_hidden_layers={layers})") from None
+    if isinstance(vocab, int) and recipe.draft.draft_vocab_size > vocab:
+        raise RecipeError(f"draft.draft_vocab_size={recipe.draft.draft_vocab_size} is larger than the target's "
+                          f"vocabulary ({vocab} tokens, {config_file}): use at most {vocab}")
+
+
+@contextmanager
+def _loading_target(name: str):
+    """A target that cannot be found or downloaded (a hub name that does not exist, no network) is the
+    recipe's target.model to fix, not a traceback."""
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        yield
+    except (OSError, HFValidationError) as e:
+        raise RecipeError(f"target.model {name!r} cannot be loaded: {e}".rstrip() + "\nGive a local model directory "
+                          "or a hub name ORG/NAME that is downloaded or reachable") from None
 
 
 class _Interrupt:
@@ -115,18 +189,31 @@ class Trainer:
         throughput benchmark passes a random-weight target and synthetic conversations; one process).
         """
         r = self.recipe
+        if target_model is None:
+            check_target(r)
         self.dist = setup_distributed(recipe=r, run_dir=self.run_dir)  # the order: see distributed.py
         self.accelerator = acc = self.dist.accelerator
         set_seed(r.run.seed)
+        if acc.is_main_process:  # one run per directory: a second one fails here, naming this one
+            self._lock = lock_run_dir(self.run_dir)
+        # Which checkpoint to continue from, decided by every rank alike from the same files, before any
+        # data or model is read; a mismatch with the recipe is refused here, leaving recipe.yaml as it is.
+        self._start = self._plan_start()
+        acc.wait_for_everyone()
         if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if r.training.overwrite:
+                self._clear_run()
             (self.run_dir / "recipe.yaml").write_text(r.to_yaml())
         acc.wait_for_everyone()
 
-        self.tokenizer = load_tokenizer(r.target) if data is None else None
+        with _loading_target(r.target.model):
+            self.tokenizer = load_tokenizer(r.target) if data is None else None
         self.data = data or prepare_data(r.data, self.tokenizer)  # raises DataError when nothing is usable
+        self.data_fingerprint = data_fingerprint(self.data.examples)
+        self._check_data()
         # partitioned across ranks with target.sharding=zero3
-        model = target_model if target_model is not None else self.dist.load_target(r.target)
+        with _loading_target(r.target.model):
+            model = target_model if target_model is not None else self.dist.load_target(r.target)
         vocab_size = full_shape(model.get_output_embeddings().weight)[0]
         imported = self._import_draft(model) if r.draft.init_from else None
         d2t, t2d = self._draft_vocab(vocab_size, imported)
@@ -140,7 +227,7 @@ class Trainer:
                 head.fc.weight.div_(feature_scale)
         if r.draft.compile:
             if not hasattr(head, "compile_layer"):
-                raise ValueError(f"draft.compile: the {r.draft.architecture} head has no compiled path (EAGLE-3 only)")
+                raise RecipeError(f"draft.compile: the {r.draft.architecture} head has no compiled path (EAGLE-3 only)")
             head.compile_layer()
         config = head.config
         if acc.is_main_process:
@@ -159,18 +246,18 @@ class Trainer:
         micro_per_epoch = len(self._epoch_micro_batches(0)) // self.world
         self.steps_per_epoch = micro_per_epoch // t.gradient_accumulation_steps
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise RecipeError(
                 f"one epoch gives {micro_per_epoch} micro-batches per rank, fewer than "
                 f"gradient_accumulation_steps={t.gradient_accumulation_steps}: add data or lower data.tokens_per_batch"
             )
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        self._check_total_steps()
         warmup = int(t.warmup_ratio * self.total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, self.total_steps, warmup, t.schedule)
         )
         self.head, self.optimizer = self.dist.prepare_head(head, optimizer)
         self.scheduler = scheduler  # stepped by us once per optimizer step, whatever the world size
-        acc.register_for_checkpointing(self.scheduler)
         acc.init_trackers("tensorboard", config=_flat(r.model_dump(mode="json")))
 
     def _feature_scale(self, head) -> float:
@@ -252,7 +339,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         d2t, t2d = load_draft_vocab(path)
         if len(d2t) != size or len(t2d) != vocab_size:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} holds a draft vocab of {len(d2t)} over {len(t2d)} tokens, but the recipe asks "
                 f"{size} over the target's {vocab_size}: delete it or use another run.output_dir"
             )
@@ -359,8 +446,9 @@ class Trainer:
         acc = self.accelerator
         self.interrupt.install()
         self.resume()
-        if self.step == 0 and acc.is_main_process:  # a fresh start: an earlier run's best is not ours
+        if self.step == 0 and acc.is_main_process:  # a fresh start: an earlier attempt's best and rows are not ours
             (self.run_dir / "checkpoints" / BEST_FILE).unlink(missing_ok=True)
+            truncate_metrics(self.run_dir, 0)
         acc.wait_for_everyone()
         # Kept in memory from here: rank 0 rewrites the file, and a rank reading it a moment later than
         # another would decide differently whether to save, leaving the others in a barrier.
@@ -402,7 +490,7 @@ class Trainer:
                 if not saved:
                     self.save_checkpoint()
                 best_tau = last["eval_tau"]
-                self._record_best(best_tau)
+                self._record_best(best_tau, int(last.get("eval_prompts", 0)))
             if stop:
                 bar.close()
                 if acc.is_main_process:
@@ -433,7 +521,7 @@ class Trainer:
                               temperature=e.temperature, seed=self.recipe.run.seed)
         finally:
             head.train(was_training)
-        out = {"eval_tau": result.tau}
+        out = {"eval_tau": result.tau, "eval_prompts": len(self._eval_prompts)}
         out.update({f"eval_accept_{j}": a for j, a in enumerate(result.acceptance)})
         return out
 
@@ -441,11 +529,12 @@ class Trainer:
         best = best_checkpoint(self.run_dir)
         return best["tau"] if best else float("-inf")
 
-    def _record_best(self, tau: float) -> None:
+    def _record_best(self, tau: float, prompts: int) -> None:
         """checkpoints/best.json names the best checkpoint by τ: rotation keeps it and export picks it."""
         if self.accelerator.is_main_process:
             path = self.run_dir / "checkpoints" / BEST_FILE
-            record = {"checkpoint": f"{CHECKPOINT_PREFIX}{self.step:08d}", "step": self.step, "tau": tau}
+            record = {"checkpoint": f"{CHECKPOINT_PREFIX}{self.step:08d}", "step": self.step, "tau": tau,
+                      "prompts": prompts}
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(record, indent=2) + "\n")
             tmp.replace(path)
@@ -459,22 +548,59 @@ class Trainer:
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     # ----------------------------------------------------------------------------- checkpoints
+    def _all_ranks_ok(self, ok: bool) -> bool:
+        """Whether every rank succeeded (a collective: every rank calls it at the same point)."""
+        if self.accelerator.num_processes == 1:
+            return ok
+        flag = torch.tensor([float(not ok)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() == 0)
+
     def save_checkpoint(self) -> Path:
-        """Save head, optimizer, scheduler and RNG state under a temporary name, then rename it."""
+        """Save head, optimizer, scheduler and every rank's RNG state as safetensors and JSON under a
+        temporary name, write the manifest last, then rename it into place (eagle_online/checkpoint.py).
+        A write that fails (a full disk) removes the partial one and stops the run on every rank; the
+        checkpoints written before are untouched."""
         acc = self.accelerator
+        main = acc.is_main_process
         final = self.run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.step:08d}"
         tmp = final.with_name(final.name + ".tmp")
-        if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        if acc.is_main_process:
-            (tmp / "trainer_state.json").write_text(
-                json.dumps({"step": self.step, "total_steps": self.total_steps}, indent=2) + "\n"
-            )
+        optimizer_state = self.dist.optimizer_state.state_dict()  # every rank: a collective under zero1
+        error: BaseException | None = None
+
+        def attempt(write) -> None:
+            nonlocal error
+            if error is None:
+                try:
+                    write()
+                except Exception as e:  # noqa: BLE001 - reported below, on every rank, as a CheckpointError
+                    error = e
+            if not self._all_ranks_ok(error is None):
+                if main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                self._checkpoint_failed(final, error)
+
+        def write_state() -> None:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            head = {k: v.detach().cpu().contiguous() for k, v in self.unwrapped_head().state_dict().items()}
+            save_file(head, str(tmp / WEIGHTS))
+            save_optimizer(optimizer_state, tmp)
+            write_json(tmp / SCHEDULER, self.scheduler.state_dict())
+            write_json(tmp / TRAINER_STATE, {
+                "step": self.step, "total_steps": self.total_steps, "world": self.world,
+                "recipe": recipe_fingerprint(self.recipe), "data": self.data_fingerprint})
+
+        def publish() -> None:
+            write_manifest(tmp, self.step)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
+
+        attempt(write_state if main else lambda: None)
+        attempt(lambda: save_rng(tmp / rng_name(acc.process_index)))
+        attempt(publish if main else lambda: None)
+        if main:
             best = best_checkpoint(self.run_dir)
             for old in checkpoint_names(self.run_dir)[: -self.recipe.training.keep_checkpoints]:
                 if best is None or old != best["checkpoint"]:  # the best by τ is kept
@@ -482,25 +608,150 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
+    def _checkpoint_failed(self, final: Path, error: BaseException | None):
+        kept = [n for n in checkpoint_names(self.run_dir) if damage(self.run_dir / "checkpoints" / n) is None]
+        keep = f"the last complete checkpoint, {kept[-1]}, is kept" if kept else "no earlier checkpoint exists"
+        if error is None:
+            why = "another rank could not write its part"
+        elif disk_full(error):
+            why = f"the disk holding {self.run_dir} is full ({error})"
+        else:
+            why = f"{type(error).__name__}: {error}"
+        raise CheckpointError(f"could not write checkpoint {final}: {why}; {keep}. Free space (or fix the cause) "
+                              "and run the same command again to resume")
+
+    def _run_held(self) -> list[str]:
+        """What of an earlier run this directory holds: checkpoints, metrics, an export."""
+        held = []
+        root = self.run_dir / "checkpoints"
+        if root.is_dir() and any(p.name.startswith(CHECKPOINT_PREFIX) for p in root.iterdir()):
+            held.append("checkpoints/")
+        held += [name for name in ("metrics.jsonl", "export") if (self.run_dir / name).exists()]
+        return held
+
+    def _checkpoint_dirs(self) -> list[str]:
+        root = self.run_dir / "checkpoints"
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir()
+                      if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and "." not in p.name)
+
+    def _plan_start(self) -> tuple[Path, dict] | None:
+        """The checkpoint this run continues from (path, its trainer_state.json), or None to start at step 0.
+
+        Refused, before anything is loaded: starting over (`resume=false`) in a directory that holds a run,
+        unless `overwrite` (the two would mix: checkpoints, metrics, the export); checkpoints none of which
+        is intact; a checkpoint trained with another recipe (the differing keys are named). A damaged newest
+        checkpoint is skipped for the newest intact one, with a warning."""
+        t = self.recipe.training
+        if t.overwrite:
+            return None
+        if not t.resume:
+            held = self._run_held()
+            if held:
+                raise CheckpointError(
+                    f"{self.run_dir} holds a run ({', '.join(held)}): starting over there (training.resume=false) "
+                    "would mix the two. Give this run another run.output_dir, or add training.overwrite=true to "
+                    "delete that run's checkpoints, metrics and export first")
+            return None
+        names = self._checkpoint_dirs()
+        if not names:
+            return None
+        root = self.run_dir / "checkpoints"
+        damaged = []
+        for name in reversed(names):
+            why = damage(root / name)
+            if why is None:
+                break
+            damaged.append((name, why))
+        else:
+            listed = "; ".join(f"{n}: {why}" for n, why in damaged)
+            raise CheckpointError(
+                f"no intact checkpoint to resume from in {root} ({listed}). Start over with training.overwrite=true "
+                "or in another run.output_dir")
+        path = root / name
+        state = json.loads((path / TRAINER_STATE).read_text())
+        allow = EXTEND_KEYS if t.extend else ()
+        diff = differing_keys(state.get("recipe", {}), recipe_fingerprint(self.recipe), allow)
+        if diff:
+            only_length = all(line.split(":")[0] in EXTEND_KEYS for line in diff)
+            fix = ("add training.extend=true to continue it to the new length" if only_length else
+                   f"resume with the recipe it was trained with ({self.run_dir / 'recipe.yaml'}), or start over "
+                   "with training.overwrite=true or in another run.output_dir")
+            raise CheckpointError(f"{path} was trained with a different recipe, and resuming would mix the two:\n  "
+                                  + "\n  ".join(diff) + f"\n{fix}")
+        if damaged and self.accelerator.is_main_process:
+            listed = "; ".join(f"{n}: {why}" for n, why in damaged)
+            print(f"warning: damaged checkpoint(s) removed ({listed}); resuming from {path}", file=sys.stderr,
+                  flush=True)
+        self._damaged = [n for n, _ in damaged]
+        return path, state
+
+    def _clear_run(self) -> None:
+        """training.overwrite: the earlier run's files step aside under one name, then are deleted."""
+        trash = self.run_dir / f".overwritten-{os.getpid()}"
+        trash.mkdir()
+        for name in RUN_FILES:
+            if (self.run_dir / name).exists():
+                (self.run_dir / name).rename(trash / name)
+        shutil.rmtree(trash)
+
+    def _check_data(self) -> None:
+        """The resumed checkpoint was trained on exactly this token stream (same sources, same contents)."""
+        if self._start is None:
+            return
+        path, state = self._start
+        saved, now = state.get("data", {}), self.data_fingerprint
+        if saved.get("sha256") != now["sha256"]:
+            raise CheckpointError(
+                f"{path} was trained on other data ({saved.get('sequences')} sequences, {saved.get('tokens')} "
+                f"tokens; now {now['sequences']} sequences, {now['tokens']} tokens: a source file changed): resuming "
+                "would mix the two. Restore the data, or start over with training.overwrite=true or in another "
+                "run.output_dir")
+
+    def _check_total_steps(self) -> None:
+        """The same length and process count as the checkpoint's run (or a longer one with training.extend)."""
+        if self._start is None:
+            return
+        path, state = self._start
+        if state.get("world") != self.world:
+            raise CheckpointError(
+                f"{path} was written by a run of {state.get('world')} processes, this one has {self.world}: each "
+                "step would read other data. Resume with the same number of processes")
+        if state["total_steps"] == self.total_steps:
+            return
+        if not self.recipe.training.extend:
+            raise CheckpointError(
+                f"{path} belongs to a run of {state['total_steps']} steps, this recipe makes {self.total_steps} "
+                "(training.max_steps, training.epochs or the data changed): add training.extend=true to continue "
+                "it to the new length, or start over with training.overwrite=true")
+        if self.total_steps <= state["step"]:
+            raise CheckpointError(f"training.extend: {path} is already at step {state['step']}, and this recipe "
+                                  f"makes {self.total_steps} steps: ask for more")
+
     def resume(self) -> None:
-        """Continue from the newest complete checkpoint, if the recipe allows and there is one."""
-        if not self.recipe.training.resume:
+        """Continue from the checkpoint _plan_start chose, if any: every file is safetensors or JSON."""
+        if self._start is None:
             return
-        found = checkpoint_names(self.run_dir)
-        if not found:
-            return
-        latest = self.run_dir / "checkpoints" / found[-1]
-        self.accelerator.load_state(str(latest))
-        state = json.loads((latest / "trainer_state.json").read_text())
-        if state["total_steps"] != self.total_steps:
-            raise ValueError(
-                f"{latest} belongs to a run of {state['total_steps']} steps, this recipe makes {self.total_steps}: "
-                "resume only with the same recipe and data (or set training.resume=false / another run.output_dir)"
-            )
+        path, state = self._start
+        acc = self.accelerator
+        try:
+            self.unwrapped_head().load_state_dict(load_file(str(path / WEIGHTS)))
+            self.dist.optimizer_state.load_state_dict(load_optimizer(path))
+            self.scheduler.load_state_dict(json.loads((path / SCHEDULER).read_text()))
+            rng = path / rng_name(acc.process_index)
+            if rng.exists():
+                load_rng(rng)
+        except Exception as e:  # noqa: BLE001 - the manifest matched, so the bytes themselves are wrong
+            raise CheckpointError(f"{path} cannot be loaded ({type(e).__name__}: {e}): delete it to resume from an "
+                                  "older checkpoint, or start over with training.overwrite=true") from None
         self.step = state["step"]
-        if self.accelerator.is_main_process:
+        if acc.is_main_process:
+            for name in getattr(self, "_damaged", []):  # newer than the step resumed: they would be rewritten
+                shutil.rmtree(self.run_dir / "checkpoints" / name, ignore_errors=True)
             truncate_metrics(self.run_dir, self.step)
-            print(f"resumed from {latest} at step {self.step}", flush=True)
+            print(f"resumed from {path} at step {self.step}", flush=True)
+        acc.wait_for_everyone()
 
     def unwrapped_head(self):
         """The head module without distributed wrappers."""

@@ -15,6 +15,9 @@ from eagle_online.bench import SUBCOMMANDS
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     if not argv or argv[0] not in SUBCOMMANDS:
         print(__doc__, file=sys.stderr)
         print(f"error: the first argument is one of {sorted(SUBCOMMANDS)}", file=sys.stderr)

@@ -13,10 +13,25 @@ import json
 import sys
 from pathlib import Path
 
-from eagle_online.data.sources import DataError
+from eagle_online.errors import UserError
 from eagle_online.evaluate import evaluate_draft, format_table
 from eagle_online.export import ExportError
-from eagle_online.recipe import RecipeError, load_recipe
+from eagle_online.recipe import load_recipe
+from eagle_online.trainer import check_target
+
+
+def check_inputs(draft: str, prompts: str) -> None:
+    """--draft and --prompts checked before the target loads (minutes for an 8B model)."""
+    path = Path(draft)
+    if not (path / "config.json").is_file():
+        hint = ""
+        if (path / "run_info.json").is_file() or (path / "checkpoints").is_dir():
+            hint = f"; {path} is a training run: its draft is {path / 'export'} (launch/export.py writes it)"
+        elif not path.is_dir():
+            hint = "; no such directory"
+        raise ExportError(f"--draft {draft}: no config.json{hint}")
+    if not prompts.startswith("builtin:") and not Path(prompts).is_file():
+        raise ExportError(f"--prompts {prompts}: no such file (a JSONL file of prompts, or builtin:sharegpt)")
 
 
 def main(argv=None) -> int:
@@ -36,11 +51,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        check_inputs(args.draft, args.prompts)
+        check_target(recipe)
         report = evaluate_draft(recipe, args.draft, args.prompts, temperatures=args.temperature,
                                 num_prompts=args.num_prompts, skip_prompts=args.skip_prompts,
                                 num_draft_tokens=args.num_draft_tokens, max_new_tokens=args.max_new_tokens,
                                 seed=args.seed, bigram=args.bigram)
-    except (RecipeError, DataError, ExportError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(report["results"]))

@@ -2,29 +2,34 @@
 
     python launch/export.py --run runs/llama3_eagle3 [--checkpoint step_00001000] [--out DIR]
 
-Without --checkpoint the best one by τ is exported when training evaluated τ (checkpoints/best.json),
-else the newest complete one; --out defaults to RUN/export and an earlier
-export there is replaced only once the new one is complete.
+--checkpoint is `last` (the default: the newest complete checkpoint), `best` (the best by τ that training
+recorded in checkpoints/best.json, when measured on at least --min-prompts prompts; else the last, saying
+so) or a checkpoint's name. --out defaults to RUN/export; an earlier export there is replaced only once
+the new one is complete.
 """
 import argparse
 import sys
 
-from eagle_online.export import ExportError, export_run
+from eagle_online.errors import UserError
+from eagle_online.export import choose_checkpoint, export_run
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="the run directory (the recipe's run.output_dir)")
-    parser.add_argument("--checkpoint",
-                        help="checkpoint name under RUN/checkpoints (default: the best by τ, else the newest)")
+    parser.add_argument("--checkpoint", default="last",
+                        help="last (default), best, or a checkpoint name under RUN/checkpoints")
+    parser.add_argument("--min-prompts", type=int, default=8,
+                        help="--checkpoint best: the fewest prompts τ must have been measured on (default 8)")
     parser.add_argument("--out", help="export directory (default: RUN/export)")
     args = parser.parse_args(argv)
     try:
-        out = export_run(args.run, checkpoint=args.checkpoint, out=args.out)
-    except ExportError as e:
+        name, why = choose_checkpoint(args.run, args.checkpoint, args.min_prompts)
+        out = export_run(args.run, checkpoint=name, out=args.out)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported the draft head to {out}")
+    print(f"exported {name} ({why}) to {out}")
     return 0
 
 

@@ -13,9 +13,9 @@ current step finishes, a checkpoint is written, and running the same command aga
 import argparse
 import sys
 
-from eagle_online.data.sources import DataError
-from eagle_online.distributed import DistributedError, exit_process
-from eagle_online.export import ExportError, export_run
+from eagle_online.distributed import exit_process
+from eagle_online.errors import UserError
+from eagle_online.export import choose_checkpoint, export_run
 from eagle_online.plan import format_plan, target_shapes
 from eagle_online.recipe import RecipeError, load_recipe
 from eagle_online.trainer import Trainer
@@ -41,9 +41,11 @@ def main(argv=None) -> int:
         trainer.setup()
         trainer.train()
         if recipe.training.export_at_end and trainer.accelerator.is_main_process:
-            out = export_run(recipe.run.output_dir)
-            print(f"exported the draft head to {out}")
-    except (RecipeError, DataError, ExportError, DistributedError) as e:
+            name, why = choose_checkpoint(recipe.run.output_dir, recipe.training.export_checkpoint,
+                                          recipe.eval.min_prompts_for_best)
+            out = export_run(recipe.run.output_dir, checkpoint=name)
+            print(f"exported {name} ({why}) to {out}")
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

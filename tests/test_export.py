@@ -218,9 +218,9 @@ def test_failure_while_writing_leaves_nothing_half_written(tmp_path, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(export_mod, "save_file", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ExportError, match="could not write .*disk full.*nothing there was replaced"):
         _export(_head(seed=1), out)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ExportError, match="disk full"):
         _export(_head(seed=1), tmp_path / "fresh")
     assert _files(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["export"]

@@ -235,8 +235,8 @@ def test_recipe_init_from_continues_training_an_import(tmp_path):
 
 
 def test_export_run_takes_the_best_checkpoint_by_tau(tmp_path):
-    """checkpoints/best.json (written when training evaluates τ) makes export pick that checkpoint over
-    the newest; a best.json naming a deleted checkpoint is ignored."""
+    """checkpoints/best.json (written when training evaluates τ) makes export with `best` pick that checkpoint
+    over the newest; a best.json naming a deleted checkpoint is ignored."""
     from eagle_online.export import export_run
     from tests.test_export import _fake_run
 
@@ -244,7 +244,9 @@ def test_export_run_takes_the_best_checkpoint_by_tau(tmp_path):
     run = tmp_path / "run"
     _fake_run(run, [("step_00000100", best), ("step_00000200", newest)])
     (run / "checkpoints" / "best.json").write_text(json.dumps({"checkpoint": "step_00000100", "step": 100,
-                                                               "tau": 2.5}))
-    assert torch.equal(_saved(export_run(run))["lm_head.weight"], best.lm_head.weight.detach())
-    (run / "checkpoints" / "best.json").write_text(json.dumps({"checkpoint": "step_00000050", "tau": 3.0}))
-    assert torch.equal(_saved(export_run(run))["lm_head.weight"], newest.lm_head.weight.detach())
+                                                               "tau": 2.5, "prompts": 8}))
+    assert torch.equal(_saved(export_run(run, "best"))["lm_head.weight"], best.lm_head.weight.detach())
+    assert torch.equal(_saved(export_run(run))["lm_head.weight"], newest.lm_head.weight.detach())  # last
+    (run / "checkpoints" / "best.json").write_text(json.dumps({"checkpoint": "step_00000050", "tau": 3.0,
+                                                               "prompts": 8}))
+    assert torch.equal(_saved(export_run(run, "best"))["lm_head.weight"], newest.lm_head.weight.detach())

@@ -23,15 +23,16 @@ def test_best_checkpoint_by_tau_is_kept_and_exported(tmp_path, monkeypatch):
     trainer = Trainer(recipe)
     trainer.setup()
     taus = iter([3.0, 1.5])  # step 2 is the best; step 4 is worse
-    monkeypatch.setattr(trainer, "evaluate_tau", lambda: {"eval_tau": next(taus), "eval_accept_0": 0.5})
+    monkeypatch.setattr(trainer, "evaluate_tau",
+                        lambda: {"eval_tau": next(taus), "eval_accept_0": 0.5, "eval_prompts": 8})
     trainer.train()
     assert checkpoint_names(run) == ["step_00000002", "step_00000004"]  # keep 1 newest + the best
-    assert best_checkpoint(run) == {"checkpoint": "step_00000002", "step": 2, "tau": 3.0}
+    assert best_checkpoint(run) == {"checkpoint": "step_00000002", "step": 2, "tau": 3.0, "prompts": 8}
     rows = {r["step"]: r for r in read_metrics(run)}
     assert rows[2]["eval_tau"] == 3.0 and rows[4]["eval_tau"] == 1.5 and "eval_tau" not in rows[3]
     from safetensors.torch import load_file
 
-    exported = load_file(str(export_run(run) / "model.safetensors"))
+    exported = load_file(str(export_run(run, "best") / "model.safetensors"))
     best = load_file(str(run / "checkpoints" / "step_00000002" / "model.safetensors"))
     assert torch.equal(exported["fc.weight"], best["fc.weight"])
 

@@ -103,7 +103,7 @@ def run_quality(args, log=print) -> dict:
                          f"data.tokens_per_batch={args.tokens_per_batch}",
                          f"draft.draft_vocab_size={args.draft_vocab_size}",
                          f"training.max_steps={args.steps}", "training.progress_bar=false",
-                         "training.export_at_end=false", "training.resume=false",
+                         "training.export_at_end=false", "training.overwrite=true",
                          f"training.log_every={args.log_every}",
                          f"training.checkpoint_every={args.steps}", f"run.seed={args.seed}", "eval.every=null"]
             if name == "eagle3":

@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from eagle_online.data.roles import UnknownRoleError, to_messages
+from eagle_online.errors import UserError
 from eagle_online.recipe import DataSource
 
 BUILTIN_SHAREGPT = "builtin:sharegpt"
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that cannot be used; the message names the file (or dataset) and the line or record."""
 
 
@@ -126,9 +127,9 @@ def _iter_local(path: Path) -> Iterator[tuple[str, object]]:
         raise DataError(f"{path}: unknown file type (expected one of {LOCAL_SUFFIXES})")
     # `datasets` writes JSON Lines under a .json name, so the first character decides, not the suffix.
     try:
-        with path.open(encoding="utf-8") as f:
-            head = f.read(4096).lstrip()
-    except (OSError, UnicodeDecodeError) as e:
+        with path.open("rb") as f:
+            head = f.read(4096).decode("utf-8", errors="ignore").lstrip()
+    except OSError as e:
         raise DataError(f"{path}: cannot be read: {e}") from None
     if path.suffix == ".json" and head.startswith("["):
         yield from _iter_json_list(path)
@@ -136,10 +137,22 @@ def _iter_local(path: Path) -> Iterator[tuple[str, object]]:
         yield from _iter_jsonl(path)
 
 
+def _utf8(path: Path, raw: bytes, lineno: int = 1) -> str:
+    """`raw` as text; a byte that is not UTF-8 is reported by line and column, where an editor finds it."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = lineno + raw.count(b"\n", 0, e.start)
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at column {column}); save the "
+                        "file as UTF-8") from None
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, object]]:
     try:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                line = _utf8(path, raw, lineno)
                 if not line.strip():
                     continue
                 try:
@@ -147,18 +160,16 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, object]]:
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
                 yield f"{path}:{lineno}", record
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text: {e}") from None
     except OSError as e:
         raise DataError(f"{path}: cannot be read: {e}") from None
 
 
 def _iter_json_list(path: Path) -> Iterator[tuple[str, object]]:
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(_utf8(path, path.read_bytes()))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise DataError(f"{path}: cannot be read: {e}") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: a .json source is a list of records, got {type(records).__name__}")
