@@ -3,11 +3,11 @@ materialised once into an ordinary HF checkpoint in a cache folder.
 
 Every consumer of a target (training, ZeRO-3's zero.Init, τ evaluation, regeneration, the data viewer,
 the draft-vocabulary builder, `--plan`, vLLM) then loads a plain directory through one code path. Why
-not load the GGUF each time: transformers' GGUF loader dequantises it to fp32 in ~20 s on 2 cores,
-returns a model that refuses `save_pretrained` ("quantized with gguf and is not serializable"), and
-cannot build under zero.Init. Its state dict, though, loads into a model built from its config, which
-saves normally: that is what is written (config, generation config, fp32 safetensors with the tied
-embedding stored once, the tokenizer with its chat template).
+not load the GGUF each time: transformers' GGUF loader dequantises it to fp32 (tens of seconds on CPU),
+and returns a model that refuses `save_pretrained` ("quantized with gguf and is not serializable"); a
+plain folder is also what vLLM and ZeRO-3's partitioned build read. Its state dict, though, loads into
+a model built from its config, which saves normally: that is what is written (config, generation
+config, fp32 safetensors with the tied embedding stored once, the tokenizer with its chat template).
 
 The cache is `$EAGLE_ONLINE_CACHE`, else `$XDG_CACHE_HOME/eagle_online`, else `~/.cache/eagle_online`,
 one folder per GGUF keyed by its path, size and modification time. A folder is written under a
@@ -137,7 +137,7 @@ def materialise(gguf: Path, root: Path | None = None, log=None) -> Path:
         if (dest / MANIFEST).is_file():
             _announce(dest, gguf, log, "materialised by another process")
             return dest
-        log(f"materialising {gguf} as an HF checkpoint in {dest} (once; about a minute on 2 CPU cores)")
+        log(f"materialising {gguf} as an HF checkpoint in {dest} (once; a minute or more on CPU)")
         start = time.perf_counter()
         tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
