@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from eagle_online.distributed import effective_hpz
-from eagle_online.recipe import Recipe, resolve_asset
+from eagle_online.recipe import Recipe, TargetConfig, resolve_target
 
 GPU_MEMORY_GB = 80
 GB = 1e9
@@ -100,10 +100,11 @@ KNOWN_SHAPES: dict[str, TargetShapes] = {
 }
 
 
-def target_shapes(model: str) -> tuple[TargetShapes, str]:
-    """The target's shapes and where they came from: a local config.json, the local Hugging Face cache
-    (never the network), or the built-in KNOWN_SHAPES table. ValueError when none has it."""
-    path = Path(resolve_asset(model))
+def target_shapes(model: str, gguf_file: str | None = None) -> tuple[TargetShapes, str]:
+    """The target's shapes and where they came from: a local config.json (built-in and GGUF targets:
+    their materialised checkpoint's), the local Hugging Face cache (never the network), or the built-in
+    KNOWN_SHAPES table. ValueError when none has it."""
+    path = Path(resolve_target(TargetConfig(model=model, gguf_file=gguf_file)))
     if (path / "config.json").is_file():
         return TargetShapes.from_config(json.loads((path / "config.json").read_text())), f"{path / 'config.json'}"
     try:

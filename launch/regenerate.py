@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     print(f"shard {shard}/{num_shards}: {result.written} rows written, {result.already_done} done before, "
           f"{result.replies} replies ({result.truncated_replies} cut at max_new_tokens), skipped {result.skipped}")
     for path in result.files:
-        print(f"  {path}")
+        print(f"  {path}" + ("" if path.exists() else " (no rows: not written)"))
     return 0
 
 

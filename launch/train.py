@@ -33,7 +33,7 @@ def main(argv=None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.plan:
             try:
-                print(format_plan(recipe, *target_shapes(recipe.target.model)))
+                print(format_plan(recipe, *target_shapes(recipe.target.model, recipe.target.gguf_file)))
             except ValueError as e:  # no shapes for this target without a download
                 raise RecipeError(str(e)) from None
             return 0

@@ -171,3 +171,63 @@ def test_launcher_shards_from_launcher_env(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "shard 1/3: 0 rows written" in out and "part-00001-of-00003.jsonl" in out
     assert main(["--recipe", "tiny_eagle3", "regenerate.temperature=-1"]) == 2
+
+
+def test_generation_attention_is_an_hf_implementation():
+    """generate needs padding masks and batched KV caches: our packed `varlen` (what `auto` picks on CPU
+    without flash-attn) becomes sdpa; an explicit HF implementation is kept."""
+    from eagle_online.target import generation_attn_implementation, resolve_attn_implementation
+
+    cpu = torch.device("cpu")
+    assert resolve_attn_implementation("auto", cpu) == "varlen"
+    assert generation_attn_implementation("auto", cpu) == "sdpa"
+    assert generation_attn_implementation("varlen", cpu) == "sdpa"
+    assert generation_attn_implementation("eager", cpu) == "eager"
+
+
+@pytest.mark.slow
+def test_readme_command_runs_the_hf_path(tmp_path):
+    """README's command, as a user runs it (the recipe's `attn_implementation: auto`, HF generate)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "launch/regenerate.py", "--recipe", "tiny_eagle3", "regenerate.max_new_tokens=8",
+         "data.sources.0.max_rows=3", f"run.output_dir={tmp_path}", "regenerate.backend=hf"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = (tmp_path / "regenerated").glob("*/part-00000-of-00001.jsonl")
+    rows = _rows(path)
+    assert [r[ROW_KEY] for r in rows] == [0, 1, 2]
+    assert all(t["value"] for r in rows for t in r["conversations"] if t["from"] == "gpt")
+    assert "3 rows written" in proc.stdout
+
+
+def test_failed_run_leaves_no_empty_part_file(tmp_path, tiny, monkeypatch):
+    """A run that fails before its first row (the model does not load; generation fails) leaves no file."""
+    import eagle_online.data.regenerate as regen
+
+    tokenizer, _ = tiny
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    recipe = _recipe(data, tmp_path / "run")
+
+    def no_model(*args, **kwargs):
+        raise ValueError("the model does not load")
+
+    monkeypatch.setattr(regen, "load_generator", no_model)
+    with pytest.raises(ValueError, match="does not load"):
+        regenerate(recipe, tokenizer=tokenizer, log=lambda _: 0)
+
+    class Broken:
+        def generate(self, prompts):
+            raise RuntimeError("generation failed")
+
+    with pytest.raises(RuntimeError, match="generation failed"):
+        regenerate(recipe, tokenizer=tokenizer, generator=Broken(), log=lambda _: 0)
+    assert not (tmp_path / "run").exists()

@@ -297,10 +297,10 @@ def _device() -> torch.device:
 def _recipe_vocab_size(recipe: Recipe) -> int:
     from transformers import AutoConfig
 
-    from eagle_online.recipe import resolve_asset
+    from eagle_online.recipe import resolve_target
 
     cfg = recipe.target
-    config = AutoConfig.from_pretrained(resolve_asset(cfg.model), trust_remote_code=cfg.trust_remote_code)
+    config = AutoConfig.from_pretrained(resolve_target(cfg), trust_remote_code=cfg.trust_remote_code)
     return config.get_text_config().vocab_size
 
 

@@ -34,7 +34,7 @@ from eagle_online.data.chat import ChatRenderer
 from eagle_online.data.prepare import source_labels
 from eagle_online.data.roles import SHAREGPT_NAMES
 from eagle_online.data.sources import DataError, iter_conversation_records
-from eagle_online.recipe import Recipe, RegenerateConfig, resolve_asset
+from eagle_online.recipe import Recipe, RegenerateConfig, resolve_target
 
 ROW_KEY = "eagle_online_row"
 
@@ -155,7 +155,7 @@ class VLLMGenerator:
         from vllm import LLM, SamplingParams
 
         cfg, target = recipe.regenerate, recipe.target
-        path = resolve_asset(target.model)
+        path = resolve_target(target)
         dtype = "auto" if target.dtype == "auto" else target.dtype
         self.llm = LLM(model=path, tokenizer=path, dtype=dtype, trust_remote_code=target.trust_remote_code,
                        seed=cfg.seed)
@@ -200,17 +200,19 @@ def load_generator(recipe: Recipe, tokenizer, renderer: ChatRenderer):
                 raise
         else:
             return VLLMGenerator(recipe, stop_token_ids(tokenizer, renderer))
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from eagle_online.target import resolve_dtype
+    from eagle_online.target import generation_attn_implementation, resolve_dtype
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     target = recipe.target
+    path = resolve_target(target)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=target.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_asset(target.model),
+        path,
         dtype=resolve_dtype(target.dtype, device),
-        attn_implementation=target.attn_implementation,
+        attn_implementation=generation_attn_implementation(target.attn_implementation, device, config),
         trust_remote_code=target.trust_remote_code,
     ).to(device)
     return HFGenerator(model, tokenizer, stop_token_ids(tokenizer, renderer, model), recipe.regenerate)
@@ -250,8 +252,8 @@ def regenerate(
             for row, record, messages in iter_conversation_records(source, skipped)
             if row % num_shards == shard and row not in done
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as out:
+        out = None  # opened at the first finished row: a run that fails before one leaves no empty file
+        try:
             while batch := [x for _, x in zip(range(cfg.batch_size), pending)]:
                 if generator is None:
                     generator = load_generator(recipe, tokenizer, renderer)
@@ -260,14 +262,21 @@ def regenerate(
                 for (row, record, _), messages in zip(batch, conversations):
                     if messages is None:
                         continue
+                    if out is None:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        out = path.open("a", encoding="utf-8")
                     out.write(json.dumps(with_messages(record, messages, row), ensure_ascii=False) + "\n")
                     out.flush()
                     result.written += 1
                     if on_row is not None:
                         on_row(row)
-                os.fsync(out.fileno())
+                if out is not None:
+                    os.fsync(out.fileno())
                 log(f"shard {shard}/{num_shards} {path.parent.name}: {result.written} written, "
                     f"{result.already_done} done before")
+        finally:
+            if out is not None:
+                out.close()
     result.skipped = dict(sorted(skipped.items()))
     return result
 

@@ -140,9 +140,9 @@ def target_vocab_size(target_cfg) -> int:
     """The target's vocabulary size (its lm_head rows), read from its config without loading weights."""
     from transformers import AutoConfig
 
-    from eagle_online.recipe import resolve_asset
+    from eagle_online.recipe import resolve_target
 
-    config = AutoConfig.from_pretrained(resolve_asset(target_cfg.model), trust_remote_code=target_cfg.trust_remote_code)
+    config = AutoConfig.from_pretrained(resolve_target(target_cfg), trust_remote_code=target_cfg.trust_remote_code)
     size = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
     return int(size)
 
