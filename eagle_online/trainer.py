@@ -67,7 +67,7 @@ from eagle_online.heads import EAGLE3, architecture_of, build_head, configure_tr
 from eagle_online.heads.eagle3 import Eagle3Head
 from eagle_online.losses import expected_acceptance_length
 from eagle_online.metrics import truncate_metrics
-from eagle_online.recipe import Recipe, RecipeError, resolve_asset
+from eagle_online.recipe import Recipe, RecipeError, resolve_asset, resolve_target
 from eagle_online.target import FrozenTarget, TargetOutput, decoder_layers, default_aux_layer_ids, load_tokenizer
 from eagle_online.timing import StepTimer
 
@@ -116,8 +116,8 @@ def rank_batch_indices(index: int, *, rank: int, world: int, accumulation: int) 
 def check_target(recipe: Recipe) -> None:
     """What can be checked of a local target before anything is loaded, read or written: the directory and
     its config.json exist, the aux layer ids are layers it has, the draft vocabulary fits its vocabulary.
-    (A hub name is checked when it is downloaded.)"""
-    model = resolve_asset(recipe.target.model)
+    (A hub name is checked when it is downloaded; a GGUF is materialised first, as every consumer reads it.)"""
+    model = resolve_target(recipe.target)
     path = Path(model).expanduser()
     if not (path.exists() or path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1):
         return
