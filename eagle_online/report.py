@@ -67,9 +67,7 @@ class Setup:
     accumulation: int
     lr: float
     schedule: str
-    eval_every: int | None
     eval_desc: str
-    floors: bool
     checkpoint_every: int
     keep_checkpoints: int
     export: str
@@ -159,11 +157,10 @@ def format_eval_line(step: int, tau: float, best: dict | None, floors: dict) -> 
     return text + (f" ({'; '.join(extra)})" if extra else "")
 
 
-def format_floors_line(floors: dict, skipped: str | None) -> str:
+def format_floors_line(floors: dict) -> str:
     """The floors measured before training: `floors before training: untrained τ 1.020, bigram τ 1.410`."""
     listed = [f"{k} τ {floors[k]:.3f}" for k in ("untrained", "bigram") if floors.get(k) is not None]
-    text = "floors before training: " + (", ".join(listed) or "none")
-    return text + (f" ({skipped})" if skipped else "")
+    return "floors before training: " + (", ".join(listed) or "none")
 
 
 # --------------------------------------------------------------------------------------- summary

@@ -304,8 +304,10 @@ class Trainer:
         else:
             eval_desc = (f"τ every {e.every} steps on {e.num_prompts} prompts of {e.prompts} (T={e.temperature:g}, "
                          f"k={e.num_draft_tokens}, {e.max_new_tokens} new tokens)")
-            eval_desc += ("; floors (the untrained head, a bigram of the training data) measured before step 1"
-                          if e.floors and self.tokenizer is not None else "; no floors (eval.floors=false)")
+            if not e.floors:
+                eval_desc += "; no floors (eval.floors=false)"
+            elif self.tokenizer is not None:
+                eval_desc += "; floors (the untrained head, a bigram of the training data) measured before step 1"
         export = (f"the {t.export_checkpoint} checkpoint exported to {self.run_dir / 'export'} at the end"
                   if t.export_at_end else "no export at the end (training.export_at_end=false)")
         start = self._start
@@ -325,7 +327,7 @@ class Trainer:
             tokens_per_step_mean=sum(b.num_tokens for b in batches) / max(1, len(batches)) * per_step,
             micro_tokens=r.data.tokens_per_batch, accumulation=t.gradient_accumulation_steps, lr=t.lr,
             schedule=f"{t.schedule} after {int(t.warmup_ratio * self.total_steps)} warmup steps",
-            eval_every=e.every, eval_desc=eval_desc, floors=e.floors, checkpoint_every=t.checkpoint_every,
+            eval_desc=eval_desc, checkpoint_every=t.checkpoint_every,
             keep_checkpoints=t.keep_checkpoints, export=export,
             trackers=[n for n in t.trackers if installed(n)],
             tensorboard_missing="tensorboard" in t.trackers and not installed("tensorboard"),
@@ -661,7 +663,7 @@ class Trainer:
         self.floors = {"untrained": floors["eval_tau_untrained"], "bigram": floors["eval_tau_bigram"]}
         log_metrics(self.accelerator, {**floors, "eval_prompts": len(self._eval_prompts)}, step=0)
         if self.accelerator.is_main_process:
-            print(format_floors_line(self.floors, None), flush=True)
+            print(format_floors_line(self.floors), flush=True)
 
     def _best_tau(self) -> float:
         best = best_checkpoint(self.run_dir)

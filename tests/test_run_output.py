@@ -155,7 +155,7 @@ def _setup(**changes) -> Setup:
                   sharding="none", precision="fp32", architecture="LlamaForCausalLMEagle3", head_params=10,
                   draft_vocab=32000, ttt_length=7, total_steps=10, steps_per_epoch=10, start_step=0,
                   tokens_per_step_max=8192, tokens_per_step_mean=8000.0, micro_tokens=8192, accumulation=1, lr=1e-4,
-                  schedule="cosine", eval_every=None, eval_desc="off", floors=True, checkpoint_every=5,
+                  schedule="cosine", eval_desc="off", checkpoint_every=5,
                   keep_checkpoints=2, export="export", trackers=["jsonl"], tensorboard_missing=True)
     fields.update(changes)
     return Setup(**fields)
