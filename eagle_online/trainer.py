@@ -315,8 +315,9 @@ class Trainer:
             name=r.run.name, output_dir=str(self.run_dir.resolve()), device=device, cuda=cuda, world=self.world,
             local_world=int(os.environ.get("LOCAL_WORLD_SIZE", self.world)), target=r.target.model,
             target_params=self.target_params, target_dtype=str(model.dtype).removeprefix("torch."),
-            sharding=r.target.sharding + (f" (hpZ {r.target.zero3.hpz_partition_size})"
-                                          if r.target.sharding == "zero3" else ""),
+            sharding=r.target.sharding + (f" (hpZ node-local partitions of {r.target.zero3.hpz_partition_size})"
+                                          if r.target.sharding == "zero3" and r.target.zero3.hpz_partition_size > 1
+                                          else ""),
             precision=(f"{'bf16 autocast' if acc.mixed_precision == 'bf16' else 'fp32'} for the head "
                        f"(training.mixed_precision={t.mixed_precision}); its weights and optimizer state fp32"),
             architecture=r.draft.architecture, head_params=sum(p.numel() for p in head.trainable_parameters()),
