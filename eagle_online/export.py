@@ -704,8 +704,12 @@ def card_text(meta: dict) -> str:
         for engine, label in (("vllm", "vLLM"), ("sglang", "SGLang")):
             lines += [f"{label}:", "", "```bash", meta["serve"][engine], "```", ""]
         lines.append("The paths are where the export was written; use this folder's path if it moved.")
-    else:
+    elif SERVE_METHOD.get(meta["architecture"]) is None:
         lines.append("No engine serves this head (the MLP baseline): measure it with `launch/eval.py`.")
+    else:
+        lines.append("The run directory records no target (no recipe.yaml): serve it beside the target it was "
+                     "trained against, with `--speculative-draft-model-path` (SGLang) or the `--speculative-config` "
+                     "`model` (vLLM) naming this folder.")
     lines += ["", "## Files", "",
               f"`{CONFIG_NAME}` and `{WEIGHTS_NAME}` are what the engines read; `{METADATA_NAME}` holds this "
               "card's figures for programs.", ""]

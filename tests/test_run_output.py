@@ -138,6 +138,24 @@ def test_curves_and_plot(run, tmp_path, capsys):
     assert "no metrics.jsonl" in capsys.readouterr().err
 
 
+def test_an_export_of_a_run_with_few_records_says_what_it_does_not_know(run, tmp_path):
+    """A run directory copied without its metrics and recipe (or from an older version) still exports, and
+    the card says τ was not measured and the target is not recorded, rather than inventing either."""
+    import shutil
+
+    from eagle_online.export import export_run
+
+    copy = tmp_path / "run"
+    shutil.copytree(run[0], copy, ignore=shutil.ignore_patterns("export", ".lock"))
+    for name in ("metrics.jsonl", "recipe.yaml"):
+        (copy / name).unlink()
+    out = export_run(copy, "last")
+    card = (out / "README.md").read_text()
+    assert "| τ | not measured (eval.every unset) |" in card and "records no target" in card
+    meta = json.loads((out / "eagle_online.json").read_text())
+    assert meta["tau"]["last"] is None and meta["serve"] == {} and meta["checkpoint"]["why"] == "the last step"
+
+
 def test_a_resumed_run_says_so_and_keeps_its_floors(run):
     out, first, _, resumed = run
     assert "resuming at step 6 (step_00000006, written by 1 process(es))" in resumed
