@@ -17,15 +17,9 @@ from tqdm import tqdm
 from eagle_online.metrics import JSONLTracker, installed, log_metrics, read_metrics, tau_figures, trackers
 from eagle_online.recipe import ASSETS_DIR, RecipeError
 from eagle_online.report import CPU_WARNING_PARAMS, Setup, cpu_warning, format_banner, world_note
+from tests.test_errors import _launcher as _cli
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _cli(name: str):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
