@@ -52,7 +52,8 @@ LOCK_NAME = ".lock"
 NOT_RESULT_KEYS = (
     "run.name", "run.output_dir", "training.log_every", "training.checkpoint_every", "training.keep_checkpoints",
     "training.resume", "training.overwrite", "training.extend", "training.export_at_end",
-    "training.export_checkpoint", "training.progress_bar", "training.optimizer_sharding", "target.zero3.",
+    "training.export_checkpoint", "training.progress_bar", "training.trackers", "training.optimizer_sharding",
+    "target.zero3.",
     "eval.", "regenerate.",
 )
 # What `training.extend=true` lets a resumed run change.

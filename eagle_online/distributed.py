@@ -305,7 +305,8 @@ def setup_distributed(*, recipe: Recipe, run_dir: str | Path) -> Distributed:
     cpu_ranks = cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1
     PartialState(cpu=cpu_ranks)
     accelerator = Accelerator(
-        mixed_precision=mixed, cpu=cpu_ranks, log_with=trackers(run_dir), project_dir=str(run_dir),
+        mixed_precision=mixed, cpu=cpu_ranks, log_with=trackers(run_dir, recipe.training.trackers),
+        project_dir=str(run_dir),
         # gradients live in DDP's buckets instead of beside them: one copy of the head's gradients, not two
         kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
     )

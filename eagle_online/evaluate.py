@@ -18,6 +18,7 @@ vocabulary is handled by the drafter: q lives on the draft tokens mapped through
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -263,9 +264,10 @@ def _eos_ids(tokenizer, target: FrozenTarget) -> list[int]:
 
 
 def evaluate(target: FrozenTarget, tokenizer, drafter: Drafter, prompts: list[EvalPrompt], *, num_draft_tokens: int = 4,
-             max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0) -> EvalResult:
+             max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0, progress=None) -> EvalResult:
     """Speculative decoding over `prompts` (multi-turn prompts answer each turn in turn, the model's own
-    replies kept as history); τ, acceptance per draft position, and the text of each reply."""
+    replies kept as history); τ, acceptance per draft position, and the text of each reply.
+    `progress(done, total)` is called after each prompt."""
     gen = torch.Generator(device=target.lm_head_weight.device).manual_seed(seed)
     eos = _eos_ids(tokenizer, target)
     generations, samples = [], []
@@ -284,6 +286,8 @@ def evaluate(target: FrozenTarget, tokenizer, drafter: Drafter, prompts: list[Ev
             replies.append(text)
             history.append({"role": "assistant", "content": text})
         samples.append({"id": prompt.id, "replies": replies})
+        if progress is not None:
+            progress(len(samples), len(prompts))
     return summarize(generations, temperature, samples)
 
 
@@ -292,31 +296,46 @@ def evaluate(target: FrozenTarget, tokenizer, drafter: Drafter, prompts: list[Ev
 
 class BigramDrafter(Drafter):
     """A context-free baseline: proposes from counts of which token followed which in trained text
-    (argmax when greedy, the count distribution when sampling); unigram counts for unseen tokens."""
+    (argmax when greedy, the count distribution when sampling); unigram counts for unseen tokens.
+
+    The counts are kept sparse (the distinct pairs seen, sorted), so a 128k-token vocabulary costs what
+    the data holds, not V² entries; a row is filled in when a token is drafted from."""
 
     feature = None
 
-    def __init__(self, counts: torch.Tensor):
-        self.counts = counts.float()  # [V, V]: counts[a, b] = how often b followed a
-        self.unigram = self.counts.sum(0)
+    def __init__(self, pairs: torch.Tensor, counts: torch.Tensor, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.pairs, self.counts = pairs, counts.float()  # sorted pair ids a·V + b, and how often b followed a
+        self.unigram = torch.bincount(pairs % vocab_size, weights=self.counts, minlength=vocab_size)
 
     @classmethod
-    def from_examples(cls, examples, vocab_size: int) -> BigramDrafter:
-        """Counts of (token, next token) where the next token is trained (loss_mask 1)."""
-        counts = torch.zeros(vocab_size * vocab_size)
-        for e in examples:
-            ids = torch.tensor(e.input_ids)
-            mask = torch.tensor(e.loss_mask[1:], dtype=torch.bool)
-            pairs = (ids[:-1] * vocab_size + ids[1:])[mask]
-            counts += torch.bincount(pairs, minlength=vocab_size * vocab_size).float()
-        return cls(counts.view(vocab_size, vocab_size))
+    def from_examples(cls, examples, vocab_size: int, progress=None) -> BigramDrafter:
+        """Counts of (token, next token) where the next token is trained (loss_mask 1). `progress(done,
+        total)` is called now and then (counting a large data set takes a while)."""
+        chunks, total = [], len(examples)
+        for i, e in enumerate(examples):
+            ids = torch.as_tensor(e.input_ids, dtype=torch.long)
+            mask = torch.as_tensor(e.loss_mask[1:], dtype=torch.bool)
+            chunks.append((ids[:-1] * vocab_size + ids[1:])[mask])
+            if progress is not None and (i + 1) % 2000 == 0:
+                progress(i + 1, total)
+        pairs, counts = torch.unique(torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long),
+                                     return_counts=True)
+        if progress is not None:
+            progress(total, total)
+        return cls(pairs, counts, vocab_size)
 
     def reset(self) -> None:
         pass
 
     def _propose(self, token: int) -> DraftStep:
-        row = self.counts[token]
-        row = row if row.sum() > 0 else self.unigram
+        v = self.vocab_size
+        lo, hi = (int(i) for i in torch.searchsorted(self.pairs, torch.tensor([token * v, (token + 1) * v])))
+        if hi > lo:
+            row = torch.zeros(v)
+            row[self.pairs[lo:hi] - token * v] = self.counts[lo:hi]
+        else:
+            row = self.unigram
         return DraftStep(logits=row.log())  # −inf where never seen: never proposed
 
     def extend(self, features, tokens, positions) -> DraftStep:
@@ -329,12 +348,19 @@ class BigramDrafter(Drafter):
 # ------------------------------------------------------------------------------ a draft directory
 
 
+def _say(text: str, end: str = "\n") -> None:
+    """Progress on stderr (the results table goes to stdout)."""
+    print(text, end=end, file=sys.stderr, flush=True)
+
+
 def evaluate_draft(recipe, draft_dir, prompts_path: str, *, temperatures=(0.0,), num_prompts: int | None = None,
                    skip_prompts: int = 0, num_draft_tokens: int = 4, max_new_tokens: int = 128, seed: int = 0,
-                   bigram: bool = False) -> dict:
+                   bigram: bool = False, verbose: bool = False) -> dict:
     """Load the recipe's target and the draft in `draft_dir` (any layout export.load_draft reads) and
     measure τ at each temperature; `bigram` adds the bigram baseline counted from the recipe's data.
+    `verbose` says on stderr what it is doing (reading and counting the data, each prompt decoded).
     Returns {"draft", "prompts", "results": {name: {str(T): EvalResult dict}}}."""
+    say = _say if verbose else (lambda text, end="\n": None)
     from eagle_online.export import aux_layer_ids_of, load_draft
     from eagle_online.heads import drafter_for
     from eagle_online.target import load_target_model, load_tokenizer
@@ -355,14 +381,22 @@ def evaluate_draft(recipe, draft_dir, prompts_path: str, *, temperatures=(0.0,),
     if bigram:
         from eagle_online.data import prepare_data
 
+        say(f"bigram: reading and tokenizing the recipe's data ({', '.join(s.path for s in recipe.data.sources)})")
         data = prepare_data(recipe.data, tokenizer)
-        drafters["bigram"] = BigramDrafter.from_examples(data.examples, model.get_output_embeddings().weight.shape[0])
-    results = {
-        name: {str(t): evaluate(target, tokenizer, drafter, prompts, num_draft_tokens=num_draft_tokens,
-                                max_new_tokens=max_new_tokens, temperature=t, seed=seed).to_dict()
-               for t in temperatures}
-        for name, drafter in drafters.items()
-    }
+        drafters["bigram"] = BigramDrafter.from_examples(
+            data.examples, model.get_output_embeddings().weight.shape[0],
+            progress=lambda done, total: say(f"\rbigram: counted {done}/{total} sequences",
+                                             "\n" if done == total else ""))
+    results: dict = {}
+    for name, drafter in drafters.items():
+        for t in temperatures:
+            label = f"{name} T={t:g}"
+            say(f"{label}: decoding {len(prompts)} prompts")
+            result = evaluate(target, tokenizer, drafter, prompts, num_draft_tokens=num_draft_tokens,
+                              max_new_tokens=max_new_tokens, temperature=t, seed=seed,
+                              progress=lambda done, total, label=label: say(f"\r{label}: {done}/{total} prompts",
+                                                                            "\n" if done == total else ""))
+            results.setdefault(name, {})[str(t)] = result.to_dict()
     return {"draft": str(draft_dir), "prompts": prompts_path, "num_prompts": len(prompts), "results": results}
 
 

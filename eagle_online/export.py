@@ -210,28 +210,24 @@ def _add_legacy_rope(cfg: dict) -> None:
     cfg["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
 
 
-def export_eagle3(head: Eagle3Head, out_dir, aux_layer_ids: list[int], target_num_layers: int) -> Path:
+def export_eagle3(head: Eagle3Head, out_dir, aux_layer_ids: list[int], target_num_layers: int,
+                  extra_files: Mapping[str, str] | None = None) -> Path:
     """Write a directory SGLang and vLLM load as an EAGLE-3 draft: config.json and model.safetensors with
     the serving names, without the embedding (both engines use the target's).
 
     Everything is checked first (ExportError names the offending tensor), written into a temporary
     sibling directory, and renamed into place; an existing export is replaced only once the new one is
-    complete, and nothing half-written is left behind on error."""
+    complete, and nothing half-written is left behind on error. `extra_files` (name → text: the card) are
+    written beside them, in the same temporary directory."""
     state = head.state_dict()
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items() if name != EMBED_NAME}
     check_tensors(tensors, head.config, allow_embed=False)
     config = serving_config(head.config, aux_layer_ids, target_num_layers, tensors["fc.weight"].dtype)
 
-    def write(tmp: Path) -> None:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-
-    out = Path(out_dir).resolve()  # through a symlink: the export it points at is replaced
-    _write_atomically(out, write)
-    return out
+    return _write_export(out_dir, config, tensors, extra_files)
 
 
-def export_eagle(head: EagleHead, out_dir) -> Path:
+def export_eagle(head: EagleHead, out_dir, extra_files: Mapping[str, str] | None = None) -> Path:
     """Write an EAGLE-1/2 draft both engines load (module docstring of heads/eagle.py): config.json
     naming both engines' architectures and the layer-0 tensors, without embedding or lm_head."""
     state = head.state_dict()
@@ -249,35 +245,39 @@ def export_eagle(head: EagleHead, out_dir) -> Path:
     # No `bias` key: vLLM's Llama layers read it as attention_bias.
     config.pop("bias", None)
     _add_legacy_rope(config)
-    return _write_export(out_dir, config, tensors)
+    return _write_export(out_dir, config, tensors, extra_files)
 
 
-def export_mlp(head: MLPHead, out_dir) -> Path:
+def export_mlp(head: MLPHead, out_dir, extra_files: Mapping[str, str] | None = None) -> Path:
     """Write the MLP baseline in our own layout (no engine serves it): config.json, and the blocks,
     draft-vocabulary lm_head rows and vocab maps, without the embedding."""
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in head.state_dict().items() if name != EMBED_NAME}
     config = head.config.to_dict()
     config["dtype"] = str(tensors["lm_head.weight"].dtype).removeprefix("torch.")
-    return _write_export(out_dir, config, tensors)
+    return _write_export(out_dir, config, tensors, extra_files)
 
 
-def export_head(head, out_dir, aux_layer_ids: list[int], target_num_layers: int) -> Path:
+def export_head(head, out_dir, aux_layer_ids: list[int], target_num_layers: int,
+                extra_files: Mapping[str, str] | None = None) -> Path:
     """Export any registered head in its serving layout (the layer ids matter to EAGLE-3 only)."""
     if isinstance(head, Eagle3Head):
-        return export_eagle3(head, out_dir, aux_layer_ids, target_num_layers)
+        return export_eagle3(head, out_dir, aux_layer_ids, target_num_layers, extra_files)
     if isinstance(head, EagleHead):
-        return export_eagle(head, out_dir)
+        return export_eagle(head, out_dir, extra_files)
     if isinstance(head, MLPHead):
-        return export_mlp(head, out_dir)
+        return export_mlp(head, out_dir, extra_files)
     raise ExportError(f"no exporter for {type(head).__name__}")
 
 
-def _write_export(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+def _write_export(out_dir, config: dict, tensors: dict[str, torch.Tensor],
+                  extra_files: Mapping[str, str] | None = None) -> Path:
     def write(tmp: Path) -> None:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
 
-    out = Path(out_dir).resolve()
+    out = Path(out_dir).resolve()  # through a symlink: the export it points at is replaced
     _write_atomically(out, write)
     return out
 
@@ -541,9 +541,204 @@ def choose_checkpoint(run_dir, which: str = "last", min_prompts: int = 8) -> tup
     return names[-1], "the last step"
 
 
-def export_run(run_dir, checkpoint: str | None = None, out=None) -> Path:
+CARD_NAME = "README.md"
+METADATA_NAME = "eagle_online.json"
+# How the README's serving section launches each architecture (None: no engine serves it).
+SERVE_METHOD = {ARCHITECTURE: ("EAGLE3", "eagle3"), EAGLE: ("EAGLE", "eagle"), MLP: None}
+
+
+def serve_commands(target: str, draft_dir, architecture: str) -> dict[str, str]:
+    """The SGLang and vLLM commands that serve `draft_dir` beside `target` (the README's, with the names
+    filled in); empty for a head no engine serves (the MLP baseline)."""
+    method = SERVE_METHOD.get(architecture)
+    if method is None:
+        return {}
+    algorithm, vllm_method = method
+    draft = str(draft_dir)
+    spec = json.dumps({"method": vllm_method, "model": draft, "num_speculative_tokens": 3})
+    return {
+        "vllm": f"vllm serve {target} --speculative-config '{spec}'",
+        "sglang": f"python -m sglang.launch_server --model-path {target} --speculative-algorithm {algorithm} "
+                  f"--speculative-draft-model-path {draft} --speculative-num-steps 5 --speculative-eagle-topk 8 "
+                  "--speculative-num-draft-tokens 32 --dtype bfloat16",
+    }
+
+
+def serving_target(model: str) -> str:
+    """The target as an engine is given it: a hub name as it is, `builtin:NAME` as its local directory."""
+    from eagle_online.recipe import RecipeError, resolve_asset
+
+    try:
+        return resolve_asset(model)
+    except RecipeError:
+        return model
+
+
+def _read_json(path: Path) -> dict:
+    """A run's own record, or {} when it is missing or unreadable (an export never fails for its card)."""
+    try:
+        value = json.loads(path.read_text())
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def card_metadata(run_dir, checkpoint: str, why: str, out: Path, config) -> dict:
+    """What an export is, for programs (eagle_online.json) and people (README.md): target, draft, the
+    checkpoint and why it was taken, τ and its floors, data, recipe, date and serve commands. Built from
+    the run directory's records; what a record lacks is left out."""
+    import time
+
+    import yaml
+
+    from eagle_online.metrics import read_metrics, tau_figures
+
+    run_dir = Path(run_dir)
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        recipe = {}
+    info = _read_json(run_dir / "run_info.json")
+    state = _read_json(run_dir / "checkpoints" / checkpoint / "trainer_state.json")
+    stats = _read_json(run_dir / "data_stats.json").get("total", {})
+    rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+    step = state.get("step") or (int(checkpoint.rsplit("_", 1)[-1]) if checkpoint.rsplit("_", 1)[-1].isdigit()
+                                 else None)
+    target_cfg, ev, train = recipe.get("target", {}), recipe.get("eval", {}), recipe.get("training", {})
+    architecture = architecture_of(config)
+    model = target_cfg.get("model")
+    tau = tau_figures(rows)
+    at_step = next((r for r in rows if r.get("step") == step and "loss" in r), None)
+    meta: dict = {
+        "what": f"{architecture} speculative-decoding draft head, trained online by eagle_online",
+        "architecture": architecture,
+        "target": {k: v for k, v in {
+            "model": model, "revision": info.get("target_revision"), "num_layers": info.get("target_num_layers"),
+            "parameters": info.get("target_parameters"), "aux_layer_ids": info.get("aux_layer_ids"),
+            "vocab_size": getattr(config, "vocab_size", None)}.items() if v is not None},
+        "draft": {k: v for k, v in {
+            "hidden_size": getattr(config, "hidden_size", None),
+            "draft_vocab_size": getattr(config, "draft_vocab_size", None),
+            "ttt_length": recipe.get("draft", {}).get("ttt_length") if architecture == ARCHITECTURE else None,
+        }.items() if v is not None},
+        "checkpoint": {"name": checkpoint, "step": step, "total_steps": state.get("total_steps"), "why": why},
+        "tau": {
+            "at_checkpoint": next((r["eval_tau"] for r in rows if r.get("step") == step and "eval_tau" in r), None),
+            "last": tau["last"], "best": tau["best"],
+            "untrained": tau.get("untrained"), "bigram": tau.get("bigram"),
+            "temperature": ev.get("temperature"), "num_draft_tokens": ev.get("num_draft_tokens"),
+            "prompts": ev.get("prompts"),
+        },
+        "train_metrics": {k: v for k, v in (at_step or {}).items()
+                          if k == "loss" or k.startswith("acc_") or k == "tau_hat"},
+        "data": {"sources": [{k: v for k, v in src.items() if k in ("path", "split", "max_rows", "skip_rows", "weight")}
+                             for src in recipe.get("data", {}).get("sources", [])],
+                 **{k: stats[k] for k in ("rows_used", "sequences", "tokens", "trained_fraction") if k in stats}},
+        "recipe": {"name": recipe.get("run", {}).get("name"), "lr": train.get("lr"), "schedule": train.get("schedule"),
+                   "epochs": train.get("epochs"), "max_steps": train.get("max_steps"),
+                   "tokens_per_batch": recipe.get("data", {}).get("tokens_per_batch"),
+                   "gradient_accumulation_steps": train.get("gradient_accumulation_steps"),
+                   "max_length": recipe.get("data", {}).get("max_length")},
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "serve": serve_commands(serving_target(model), out, architecture) if model else {},
+    }
+    return meta
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "?" if value is None else format(value, spec)
+
+
+def card_text(meta: dict) -> str:
+    """The export's README.md: the model card a person reads, from card_metadata's figures."""
+    target, draft, ck, tau = meta["target"], meta["draft"], meta["checkpoint"], meta["tau"]
+    model = target.get("model", "(unknown target)")
+    revision = f" (revision `{target['revision']}`)" if target.get("revision") else ""
+    lines = [f"# {meta['architecture']} draft for {model}", "",
+             f"A speculative-decoding draft head trained online by eagle_online against the frozen target "
+             f"`{model}`{revision}. It is served beside that target (commands below); it is not a model on its own.",
+             "", "| | |", "|---|---|"]
+    target_bits = [f"`{model}`{revision}"]
+    if "num_layers" in target:
+        target_bits.append(f"{target['num_layers']} layers")
+    if "parameters" in target:
+        target_bits.append(f"{target['parameters'] / 1e6:,.1f}M parameters")
+    if target.get("aux_layer_ids"):
+        target_bits.append(f"features from layers {target['aux_layer_ids']}")
+    lines.append("| target | " + ", ".join(target_bits) + " |")
+    draft_bits = [meta["architecture"]]
+    if "hidden_size" in draft:
+        draft_bits.append(f"hidden {draft['hidden_size']}")
+    if "draft_vocab_size" in draft:
+        of_vocab = f" of {target['vocab_size']:,}" if isinstance(target.get("vocab_size"), int) else ""
+        draft_bits.append(f"draft vocabulary {draft['draft_vocab_size']:,}{of_vocab} tokens")
+    if "ttt_length" in draft:
+        draft_bits.append(f"TTT {draft['ttt_length']}")
+    lines.append("| draft | " + ", ".join(draft_bits) + " |")
+    of = f" of {ck['total_steps']}" if ck.get("total_steps") else ""
+    lines.append(f"| checkpoint | `{ck['name']}`: step {ck.get('step')}{of}; taken because: {ck['why']} |")
+    lines.append("| τ | " + tau_line(tau) + " |")
+    tm = meta.get("train_metrics") or {}
+    accs = [tm[f"acc_{k}"] for k in range(len(tm)) if f"acc_{k}" in tm]
+    if accs:
+        lines.append(f"| training accuracy per TTT step | {' '.join(f'{a:.3f}' for a in accs)} (loss "
+                     f"{_fmt(tm.get('loss'))}, at this step) |")
+    data = meta["data"]
+    sources = ", ".join(f"`{s['path']}`" + (f" (max_rows {s['max_rows']})" if s.get("max_rows") else "")
+                        for s in data.get("sources", [])) or "?"
+    counts = ""
+    if "tokens" in data:
+        counts = f": {data.get('sequences', '?'):,} sequences, {data['tokens']:,} tokens"
+        if "trained_fraction" in data:
+            counts += f" ({data['trained_fraction']:.1%} of them trained: assistant turns)"
+    lines.append(f"| data | {sources}{counts} |")
+    r = meta["recipe"]
+    if r.get("name"):
+        length = f"{r['max_steps']} steps" if r.get("max_steps") else f"{r.get('epochs')} epoch(s)"
+        lines.append(f"| recipe | `{r['name']}`: lr {r.get('lr')} ({r.get('schedule')}), {length}, "
+                     f"{r.get('tokens_per_batch')} tokens per micro-batch × {r.get('gradient_accumulation_steps')} "
+                     f"accumulation, max length {r.get('max_length')} |")
+    lines.append(f"| exported | {meta['exported_at']} |")
+    lines += ["", "## Serving", ""]
+    if meta["serve"]:
+        for engine, label in (("vllm", "vLLM"), ("sglang", "SGLang")):
+            lines += [f"{label}:", "", "```bash", meta["serve"][engine], "```", ""]
+        lines.append("The paths are where the export was written; use this folder's path if it moved.")
+    elif SERVE_METHOD.get(meta["architecture"]) is None:
+        lines.append("No engine serves this head (the MLP baseline): measure it with `launch/eval.py`.")
+    else:
+        lines.append("The run directory records no target (no recipe.yaml): serve it beside the target it was "
+                     "trained against, with `--speculative-draft-model-path` (SGLang) or the `--speculative-config` "
+                     "`model` (vLLM) naming this folder.")
+    lines += ["", "## Files", "",
+              f"`{CONFIG_NAME}` and `{WEIGHTS_NAME}` are what the engines read; `{METADATA_NAME}` holds this "
+              "card's figures for programs.", ""]
+    return "\n".join(lines)
+
+
+def tau_line(tau: dict) -> str:
+    """τ of the draft beside the floors the run measured, in one line (the card and the run's summary)."""
+    settings = [f"T={tau['temperature']}" if tau.get("temperature") is not None else None,
+                f"k={tau['num_draft_tokens']}" if tau.get("num_draft_tokens") is not None else None]
+    last, best = tau.get("last"), tau.get("best")
+    if last is None:
+        text = "not measured (eval.every unset)"
+    else:
+        text = f"last {last['tau']:.3f} at step {last['step']}, best {best['tau']:.3f} at step {best['step']}"
+        if tau.get("at_checkpoint") is not None:
+            text = f"{tau['at_checkpoint']:.3f} at this checkpoint; " + text
+        settings.append(f"{last['prompts']} prompts" if last.get("prompts") else None)
+    floors = [f"{name} {tau[name]:.3f}" for name in ("untrained", "bigram") if tau.get(name) is not None]
+    if floors:
+        text += "; floors: " + ", ".join(floors)
+    settings = [s for s in settings if s]
+    return text + (f" ({', '.join(settings)})" if settings and last is not None else "")
+
+
+def export_run(run_dir, checkpoint: str | None = None, out=None, why: str | None = None) -> Path:
     """Export a training run's checkpoint to `out` (default: RUN_DIR/export): `checkpoint` is a name, `best`
-    or `last` (the default), as choose_checkpoint picks them.
+    or `last` (the default), as choose_checkpoint picks them. The export's card (README.md, eagle_online.json)
+    says why that checkpoint was taken: `why`, or choose_checkpoint's reason.
 
     The run directory holds draft_config.json (the head's config), run_info.json
     ({"aux_layer_ids", "target_num_layers"}) and checkpoints/<name>/model.safetensors (the head's
@@ -552,11 +747,12 @@ def export_run(run_dir, checkpoint: str | None = None, out=None) -> Path:
     for name in ("draft_config.json", "run_info.json"):
         if not (run_dir / name).exists():
             raise ExportError(f"{run_dir} is not a run directory: no {name}")
-    checkpoint, _ = choose_checkpoint(run_dir, checkpoint or "last")
+    checkpoint, chosen_because = choose_checkpoint(run_dir, checkpoint or "last")
+    why = why or chosen_because
     where = run_dir / "checkpoints" / checkpoint
-    why = damage(where) if (where / MANIFEST).exists() else None
-    if why is not None:
-        raise ExportError(f"checkpoint {where} is damaged ({why}): export another one with --checkpoint "
+    damaged = damage(where) if (where / MANIFEST).exists() else None
+    if damaged is not None:
+        raise ExportError(f"checkpoint {where} is damaged ({damaged}): export another one with --checkpoint "
                           f"(complete ones: {checkpoint_names(run_dir)})")
     try:
         tensors = load_file(str(where / WEIGHTS_NAME))
@@ -570,5 +766,7 @@ def export_run(run_dir, checkpoint: str | None = None, out=None) -> Path:
         head = head_from_tensors(config, tensors)
     else:
         head = _load_state(HEADS[architecture].head(config), tensors, tensors[EMBED_NAME].dtype)
-    return export_head(head, out if out is not None else run_dir / "export", info["aux_layer_ids"],
-                       info["target_num_layers"])
+    out = Path(out if out is not None else run_dir / "export").resolve()
+    meta = card_metadata(run_dir, checkpoint, why, out, config)
+    card = {CARD_NAME: card_text(meta), METADATA_NAME: json.dumps(meta, indent=2) + "\n"}
+    return export_head(head, out, info["aux_layer_ids"], info["target_num_layers"], card)

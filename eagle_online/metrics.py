@@ -1,5 +1,7 @@
-"""Metrics through accelerate's trackers: JSONL always (one line per logged step, flushed as it is
-written, so an interrupted run loses nothing), TensorBoard when it is installed."""
+"""Metrics through accelerate's trackers, as `training.trackers` names them: JSONL (one line per logged
+step, flushed as it is written, so an interrupted run loses nothing), TensorBoard when it is installed,
+wandb and mlflow. metrics.jsonl keeps the flat keys other code reads (`loss`, `acc_0`, `eval_tau`);
+the other trackers get them grouped as `train/…` and `eval/…` tags."""
 from __future__ import annotations
 
 import importlib.util
@@ -37,12 +39,43 @@ class JSONLTracker(GeneralTracker):
             f.write(json.dumps({"step": step, **values}) + "\n")
 
 
-def trackers(run_dir: str | Path) -> list:
-    """The trackers a run logs to: JSONL, plus TensorBoard (under RUN_DIR/tensorboard) when installed."""
-    out: list = [JSONLTracker(run_dir)]
-    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-        out.append("tensorboard")
+def installed(name: str) -> bool:
+    """Whether a tracker's package can be imported (TensorBoard: tensorboard or tensorboardX)."""
+    if name == "jsonl":
+        return True
+    if name == "tensorboard":
+        return bool(importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"))
+    return importlib.util.find_spec(name) is not None
+
+
+def trackers(run_dir: str | Path, names=("jsonl", "tensorboard")) -> list:
+    """The trackers a run logs to, for accelerate's `log_with`. TensorBoard that is not installed is left
+    out (the banner says so: it is a default); a named wandb or mlflow that is not installed is an error."""
+    from eagle_online.recipe import RecipeError
+
+    out: list = []
+    for name in dict.fromkeys(names):
+        if name == "jsonl":
+            out.append(JSONLTracker(run_dir))
+        elif installed(name):
+            out.append(name)
+        elif name != "tensorboard":
+            raise RecipeError(f"training.trackers: {name} is not installed; `pip install {name}`, or remove it from "
+                              "training.trackers")
     return out
+
+
+def tag(key: str) -> str:
+    """A metric's tracker tag: `eval_tau` → `eval/tau`, anything else → `train/<key>`."""
+    return "eval/" + key.removeprefix("eval_") if key.startswith("eval_") else "train/" + key
+
+
+def log_metrics(accelerator, values: dict, step: int) -> None:
+    """Log one step's metrics: flat keys to metrics.jsonl, `train/` and `eval/` tags to the other trackers
+    (accelerate keeps trackers on the main process only, so other ranks log nothing)."""
+    grouped = {tag(k): v for k, v in values.items()}
+    for tracker in accelerator.trackers:
+        tracker.log(values if tracker.name == JSONLTracker.name else grouped, step=step)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -62,3 +95,20 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(path)
+
+
+def tau_figures(rows: list[dict]) -> dict:
+    """τ as a run measured it, from its metrics rows: the last evaluation and the best (`{"step", "tau",
+    "prompts"}`, or None without any), and the floors measured before training (`untrained`, `bigram`:
+    a number, or absent)."""
+    evals = [r for r in rows if "eval_tau" in r and r.get("step")]
+    out: dict = {"last": None, "best": None}
+    if evals:
+        pick = lambda r: {"step": r["step"], "tau": r["eval_tau"], "prompts": int(r.get("eval_prompts", 0))}
+        out["last"] = pick(evals[-1])
+        out["best"] = pick(max(evals, key=lambda r: r["eval_tau"]))
+    for r in rows:
+        for floor in ("untrained", "bigram"):
+            if f"eval_tau_{floor}" in r:
+                out[floor] = r[f"eval_tau_{floor}"]
+    return out

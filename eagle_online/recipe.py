@@ -152,6 +152,10 @@ class EvalConfig(_Section):
     min_prompts_for_best: int = Field(
         8, gt=0, description="training.export_checkpoint=best needs τ measured on at least this many prompts "
         "(τ from a handful of prompts is noise)")
+    floors: bool = Field(
+        True, description="with eval.every set: before the first step, measure τ of the untrained head and of a "
+        "bigram draft counted from the training data, on the same prompts and settings, as floors the trained "
+        "draft's τ is read against (logged at step 0 as eval_tau_untrained and eval_tau_bigram)")
 
 
 class DataSource(_Section):
@@ -242,7 +246,12 @@ class TrainingConfig(_Section):
     export_checkpoint: Literal["last", "best"] = Field(
         "last", description="what the export at the end takes: the last step, or the best by τ (needs eval.every "
         "and eval.num_prompts >= eval.min_prompts_for_best)")
-    progress_bar: bool = True
+    progress_bar: bool = Field(True, description="a progress bar on a terminal; without a terminal (or false) a "
+                               "plain line every log_every steps")
+    trackers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["jsonl", "tensorboard"],
+        description="where metrics go: jsonl (metrics.jsonl), tensorboard (RUN/tensorboard; skipped, saying so, "
+        "when not installed), wandb, mlflow (through accelerate; must be installed)")
 
     @field_validator("betas", mode="before")
     @classmethod

@@ -52,8 +52,8 @@ from eagle_online.data.vocab import (
     save_draft_vocab,
     vocab_coverage,
 )
-from eagle_online.distributed import full_shape, gathered_copy, setup_distributed
-from eagle_online.evaluate import evaluate, load_prompts
+from eagle_online.distributed import full_shape, gathered_copy, parameter_counts, setup_distributed
+from eagle_online.evaluate import BigramDrafter, evaluate, load_prompts
 from eagle_online.export import (
     BEST_FILE,
     ExportError,
@@ -66,8 +66,19 @@ from eagle_online.export import (
 from eagle_online.heads import EAGLE3, architecture_of, build_head, configure_training, draft_config, drafter_for
 from eagle_online.heads.eagle3 import Eagle3Head
 from eagle_online.losses import expected_acceptance_length
-from eagle_online.metrics import truncate_metrics
+from eagle_online.metrics import installed, log_metrics, read_metrics, tau_figures, truncate_metrics
 from eagle_online.recipe import Recipe, RecipeError, resolve_asset, resolve_target
+from eagle_online.report import (
+    Setup,
+    cpu_warning,
+    format_banner,
+    format_eval_line,
+    format_floors_line,
+    format_step_line,
+    format_summary,
+    launched_by_accelerate,
+    write_curves,
+)
 from eagle_online.target import FrozenTarget, TargetOutput, decoder_layers, default_aux_layer_ids, load_tokenizer
 from eagle_online.timing import StepTimer
 
@@ -75,7 +86,7 @@ CHECKPOINT_PREFIX = "step_"
 # What a run writes into run.output_dir (training.overwrite=true removes these, nothing else: a
 # `regenerated/` data folder or the lock stay).
 RUN_FILES = ("checkpoints", "metrics.jsonl", "export", "tensorboard", "recipe.yaml", "run_info.json",
-             "data_stats.json", "draft_config.json", "draft_vocab.safetensors")
+             "data_stats.json", "draft_config.json", "draft_vocab.safetensors", "curves.svg")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -88,6 +99,14 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def advance(bar, metrics: dict[str, float]) -> None:
+    """Move the progress bar on by the step just finished, showing that step's figures (the figures are
+    set first: the bar redraws on update, so setting them after showed the step before's)."""
+    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc_0=f"{metrics['acc_0']:.3f}",
+                    tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+    bar.update(1)
 
 
 def _flat(tree: dict) -> dict:
@@ -178,6 +197,7 @@ class Trainer:
         self.recipe = recipe
         self.run_dir = Path(recipe.run.output_dir)
         self.step = 0  # optimizer steps done
+        self.created = time.perf_counter()  # the summary's wall time counts setup (loading, data) too
         self.interrupt = _Interrupt()
         self._epoch, self._batches = -1, []  # the packed micro-batches of the epoch being read
 
@@ -214,7 +234,8 @@ class Trainer:
         # partitioned across ranks with target.sharding=zero3
         with _loading_target(r.target.model):
             model = target_model if target_model is not None else self.dist.load_target(r.target)
-        vocab_size = full_shape(model.get_output_embeddings().weight)[0]
+        vocab_size = self.vocab_size = full_shape(model.get_output_embeddings().weight)[0]
+        self.target_params = parameter_counts(model).total
         imported = self._import_draft(model) if r.draft.init_from else None
         d2t, t2d = self._draft_vocab(vocab_size, imported)
         draft_ids = torch.arange(len(d2t)) + d2t
@@ -233,7 +254,10 @@ class Trainer:
         if acc.is_main_process:
             config.to_json_file(self.run_dir / "draft_config.json")
             info = {"aux_layer_ids": self.target.aux_layer_ids, "target_num_layers": len(decoder_layers(model)),
-                    "feature_scale": feature_scale}
+                    "feature_scale": feature_scale, "target_parameters": self.target_params}
+            revision = getattr(model.config, "_commit_hash", None)  # the hub's commit, when loaded from the hub
+            if revision:
+                info["target_revision"] = revision
             (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
             (self.run_dir / "data_stats.json").write_text(json.dumps(self.data.stats, indent=2) + "\n")
             print(format_stats(self.data.stats), flush=True)
@@ -258,7 +282,59 @@ class Trainer:
         )
         self.head, self.optimizer = self.dist.prepare_head(head, optimizer)
         self.scheduler = scheduler  # stepped by us once per optimizer step, whatever the world size
-        acc.init_trackers("tensorboard", config=_flat(r.model_dump(mode="json")))
+        acc.init_trackers("tensorboard", config=_flat(r.model_dump(mode="json")),
+                          init_kwargs={"wandb": {"name": r.run.name}, "mlflow": {"run_name": r.run.name}})
+        if acc.is_main_process:
+            setup = self._setup_summary(model, head)
+            print(format_banner(setup), flush=True)
+            warning = cpu_warning(setup)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
+
+    def _setup_summary(self, model, head) -> Setup:
+        """The banner's figures, from the run as set up."""
+        r, acc = self.recipe, self.accelerator
+        t, e = r.training, r.eval
+        cuda = acc.device.type == "cuda"
+        device = f"{acc.device} ({torch.cuda.get_device_name(acc.device)})" if cuda else str(acc.device)
+        batches = self._epoch_micro_batches(0)
+        per_step = t.gradient_accumulation_steps * self.world
+        if e.every is None:
+            eval_desc = "off (eval.every unset: no τ during training)"
+        else:
+            eval_desc = (f"τ every {e.every} steps on {e.num_prompts} prompts of {e.prompts} (T={e.temperature:g}, "
+                         f"k={e.num_draft_tokens}, {e.max_new_tokens} new tokens)")
+            if not e.floors:
+                eval_desc += "; no floors (eval.floors=false)"
+            elif self.tokenizer is not None:
+                eval_desc += "; floors (the untrained head, a bigram of the training data) measured before step 1"
+        export = (f"the {t.export_checkpoint} checkpoint exported to {self.run_dir / 'export'} at the end"
+                  if t.export_at_end else "no export at the end (training.export_at_end=false)")
+        start = self._start
+        return Setup(
+            name=r.run.name, output_dir=str(self.run_dir.resolve()), device=device, cuda=cuda, world=self.world,
+            local_world=int(os.environ.get("LOCAL_WORLD_SIZE", self.world)), target=r.target.model,
+            target_params=self.target_params, target_dtype=str(model.dtype).removeprefix("torch."),
+            sharding=r.target.sharding + (f" (hpZ node-local partitions of {r.target.zero3.hpz_partition_size})"
+                                          if r.target.sharding == "zero3" and r.target.zero3.hpz_partition_size > 1
+                                          else ""),
+            precision=(f"{'bf16 autocast' if acc.mixed_precision == 'bf16' else 'fp32'} for the head "
+                       f"(training.mixed_precision={t.mixed_precision}); its weights and optimizer state fp32"),
+            architecture=r.draft.architecture, head_params=sum(p.numel() for p in head.trainable_parameters()),
+            draft_vocab=r.draft.draft_vocab_size,
+            ttt_length=r.draft.ttt_length if r.draft.architecture == EAGLE3 else None,
+            total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+            start_step=start[1]["step"] if start else 0, tokens_per_step_max=r.data.tokens_per_batch * per_step,
+            tokens_per_step_mean=sum(b.num_tokens for b in batches) / max(1, len(batches)) * per_step,
+            micro_tokens=r.data.tokens_per_batch, accumulation=t.gradient_accumulation_steps, lr=t.lr,
+            schedule=f"{t.schedule} after {int(t.warmup_ratio * self.total_steps)} warmup steps",
+            eval_desc=eval_desc, checkpoint_every=t.checkpoint_every,
+            keep_checkpoints=t.keep_checkpoints, export=export,
+            trackers=[n for n in t.trackers if installed(n)],
+            tensorboard_missing="tensorboard" in t.trackers and not installed("tensorboard"),
+            resumed_from=f"{start[0].name}, written by {start[1].get('world')} process(es)" if start else None,
+            launched_by_accelerate=launched_by_accelerate(),
+        )
 
     def _feature_scale(self, head) -> float:
         """How large the EAGLE-3 fc's input is: the median per-token RMS of the target's aux features on
@@ -448,15 +524,23 @@ class Trainer:
         self.resume()
         if self.step == 0 and acc.is_main_process:  # a fresh start: an earlier attempt's best and rows are not ours
             (self.run_dir / "checkpoints" / BEST_FILE).unlink(missing_ok=True)
-            truncate_metrics(self.run_dir, 0)
+            truncate_metrics(self.run_dir, -1)
         acc.wait_for_everyone()
+        main = acc.is_main_process
+        earlier = tau_figures(read_metrics(self.run_dir)) if main else {}  # a resumed run's floors and best τ
+        self.floors = {k: earlier[k] for k in ("untrained", "bigram") if k in earlier}
+        best_eval = earlier.get("best")
+        if self.step == 0:
+            self._measure_floors()
+        plain = main and (not self.recipe.training.progress_bar or not sys.stdout.isatty())
+        self._session = {"start": time.perf_counter(), "step": self.step, "tokens": 0.0}
         # Kept in memory from here: rank 0 rewrites the file, and a rank reading it a moment later than
         # another would decide differently whether to save, leaving the others in a barrier.
         best_tau = self._best_tau()
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
-                   disable=not (acc.is_main_process and self.recipe.training.progress_bar))
+                   disable=not main or plain)
         last: dict[str, float] = {}
         window_tokens, window_start = 0, time.perf_counter()
         every = self.recipe.training.checkpoint_every
@@ -466,6 +550,7 @@ class Trainer:
                 batches = self._micro_batches(self.step)
             last = self.train_step(batches, timer)
             self.step += 1
+            self._session["tokens"] += last["tokens"]
             window_tokens += last["tokens"]
             elapsed = time.perf_counter() - window_start
             last["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
@@ -475,12 +560,19 @@ class Trainer:
                 t0 = time.perf_counter()
                 last.update(self._reduce(self.evaluate_tau()))  # one value on every rank, whatever the numerics
                 window_start += time.perf_counter() - t0  # tokens/s counts training time only
-            if evaluated or self.step % self.recipe.training.log_every == 0 or self.step == self.total_steps:
-                acc.log(last, step=self.step)
+            logged = self.step % self.recipe.training.log_every == 0 or self.step == self.total_steps
+            if evaluated or logged:
+                log_metrics(acc, last, step=self.step)
                 window_tokens, window_start = 0, time.perf_counter()
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", acc_0=f"{last['acc_0']:.3f}",
-                            tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
+            advance(bar, last)
+            if plain and logged:
+                print(format_step_line(self.step, self.total_steps, last, time.perf_counter() - self._session["start"],
+                                       self.step - self._session["step"]), flush=True)
+            if evaluated and main:
+                if best_eval is None or last["eval_tau"] > best_eval["tau"]:
+                    best_eval = {"step": self.step, "tau": last["eval_tau"]}
+                bar.write(format_eval_line(self.step, last["eval_tau"], best_eval, self.floors))
+                sys.stdout.flush()
             stop = self._interrupt_requested()
             saved = False
             if self.step % every == 0 or self.step == self.total_steps or stop:
@@ -493,13 +585,38 @@ class Trainer:
                 self._record_best(best_tau, int(last.get("eval_prompts", 0)))
             if stop:
                 bar.close()
+                self._write_curves()
                 if acc.is_main_process:
                     print(f"interrupted: checkpoint saved at step {self.step}; run again to resume", flush=True)
                 self.dist.close()  # every rank agreed to stop here, so the barrier inside is safe
                 raise KeyboardInterrupt
         bar.close()
+        self._write_curves()
+        self.last_metrics = last
         self.dist.close()
         return last
+
+    def _write_curves(self) -> None:
+        """RUN/curves.svg from metrics.jsonl (rank 0); a plot that cannot be written never fails the run."""
+        if self.accelerator.is_main_process:
+            try:
+                self.curves = write_curves(self.run_dir, title=f"{self.recipe.run.name} ({self.run_dir})")
+            except OSError as e:
+                print(f"warning: could not write {self.run_dir / 'curves.svg'}: {e}", file=sys.stderr)
+                self.curves = None
+
+    def summary(self, export: dict | None) -> str:
+        """The end-of-run summary (rank 0, after train and the export): steps, time, tokens, the final
+        metrics, τ beside its floors, the export and the commands that serve it."""
+        e = self.recipe.eval
+        tau = tau_figures(read_metrics(self.run_dir))
+        tau.update(temperature=e.temperature if e.every else None, num_draft_tokens=e.num_draft_tokens)
+        session = getattr(self, "_session", {"start": time.perf_counter(), "step": self.step, "tokens": 0.0})
+        return format_summary(
+            run_dir=self.run_dir, name=self.recipe.run.name, steps=self.step, total_steps=self.total_steps,
+            start_step=session["step"], wall=time.perf_counter() - self.created,
+            train_wall=time.perf_counter() - session["start"], tokens=session["tokens"],
+            final=getattr(self, "last_metrics", {}), tau=tau, export=export, curves=getattr(self, "curves", None))
 
     # ---------------------------------------------------------------------------------- τ eval
     def _eval_due(self) -> bool:
@@ -510,20 +627,44 @@ class Trainer:
         """τ of the head as it is now, by speculative decoding of the recipe's held-out prompts (section
         `eval`); metrics `eval_tau` and `eval_accept_j` per draft position. Every rank runs the same
         prompts with the same seed (a ZeRO-3 target needs every rank in each forward)."""
-        e = self.recipe.eval
-        if not hasattr(self, "_eval_prompts"):
-            self._eval_prompts = load_prompts(e.prompts, limit=e.num_prompts, skip=e.skip_prompts)
         head = self.unwrapped_head()
         was_training = head.training
         try:
-            result = evaluate(self.target, self.tokenizer, drafter_for(head), self._eval_prompts,
-                              num_draft_tokens=e.num_draft_tokens, max_new_tokens=e.max_new_tokens,
-                              temperature=e.temperature, seed=self.recipe.run.seed)
+            result = self._tau_of(drafter_for(head))
         finally:
             head.train(was_training)
         out = {"eval_tau": result.tau, "eval_prompts": len(self._eval_prompts)}
         out.update({f"eval_accept_{j}": a for j, a in enumerate(result.acceptance)})
         return out
+
+    def _tau_of(self, drafter):
+        """τ of any drafter on the recipe's eval prompts and settings (the same for the head and the floors)."""
+        e = self.recipe.eval
+        if not hasattr(self, "_eval_prompts"):
+            self._eval_prompts = load_prompts(e.prompts, limit=e.num_prompts, skip=e.skip_prompts)
+        return evaluate(self.target, self.tokenizer, drafter, self._eval_prompts, num_draft_tokens=e.num_draft_tokens,
+                        max_new_tokens=e.max_new_tokens, temperature=e.temperature, seed=self.recipe.run.seed)
+
+    def _measure_floors(self) -> None:
+        """Before the first step (eval.every and eval.floors set): τ of the head as initialised (untrained,
+        or draft.init_from's) and of a bigram draft counted from the training data, on the eval prompts
+        with the eval settings; logged at step 0 as eval_tau_untrained and eval_tau_bigram. Every rank
+        measures (a ZeRO-3 target needs all of them in each forward)."""
+        e = self.recipe.eval
+        if e.every is None or not e.floors or self.tokenizer is None:
+            return
+        head = self.unwrapped_head()
+        was_training = head.training
+        try:
+            untrained = self._tau_of(drafter_for(head)).tau
+        finally:
+            head.train(was_training)
+        bigram = self._tau_of(BigramDrafter.from_examples(self.data.examples, self.vocab_size)).tau
+        floors = self._reduce({"eval_tau_untrained": untrained, "eval_tau_bigram": bigram})
+        self.floors = {"untrained": floors["eval_tau_untrained"], "bigram": floors["eval_tau_bigram"]}
+        log_metrics(self.accelerator, {**floors, "eval_prompts": len(self._eval_prompts)}, step=0)
+        if self.accelerator.is_main_process:
+            print(format_floors_line(self.floors), flush=True)
 
     def _best_tau(self) -> float:
         best = best_checkpoint(self.run_dir)

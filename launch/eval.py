@@ -7,6 +7,8 @@
 EAGLE-3 releases, SpecForge/SGLang or vLLM speculators checkpoints. --prompts is a JSONL file of
 MT-bench `question.jsonl` records (`turns`, answered turn by turn), `prompt` or `messages` records,
 or builtin:sharegpt. Greedy (T=0) output is token-identical to the target's own greedy decoding.
+Progress (reading and counting the data for --bigram, each prompt decoded) goes to stderr, the table
+to stdout.
 """
 import argparse
 import json
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
         report = evaluate_draft(recipe, args.draft, args.prompts, temperatures=args.temperature,
                                 num_prompts=args.num_prompts, skip_prompts=args.skip_prompts,
                                 num_draft_tokens=args.num_draft_tokens, max_new_tokens=args.max_new_tokens,
-                                seed=args.seed, bigram=args.bigram)
+                                seed=args.seed, bigram=args.bigram, verbose=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

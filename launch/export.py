@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         name, why = choose_checkpoint(args.run, args.checkpoint, args.min_prompts)
-        out = export_run(args.run, checkpoint=name, out=args.out)
+        out = export_run(args.run, checkpoint=name, out=args.out, why=why)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,12 @@
 
 Any launcher works (accelerate launch, torchrun, deepspeed, srun via launch/slurm_train.sh): see README.
 
+The run prints a banner first (device, processes, target and sharding, precision, steps, tokens per
+step, output folder, trackers), then a progress bar on a terminal or a plain line every
+training.log_every steps elsewhere, a line after each τ evaluation, and a summary at the end (time,
+tokens, final loss and accuracy per TTT step, τ beside its floors, the export and the vLLM and SGLang
+commands that serve it).
+
 `--recipe` takes a name in recipes/ or a path; `key=value` overrides any recipe field
 (`training.lr=1e-4`, `data.sources.0.max_rows=100`). Interrupt with Ctrl-C or SIGTERM: the
 current step finishes, a checkpoint is written, and running the same command again resumes.
@@ -15,7 +21,7 @@ import sys
 
 from eagle_online.distributed import exit_process
 from eagle_online.errors import UserError
-from eagle_online.export import choose_checkpoint, export_run
+from eagle_online.export import choose_checkpoint, export_run, serve_commands, serving_target
 from eagle_online.plan import format_plan, target_shapes
 from eagle_online.recipe import RecipeError, load_recipe
 from eagle_online.trainer import Trainer
@@ -40,11 +46,16 @@ def main(argv=None) -> int:
         trainer = Trainer(recipe)
         trainer.setup()
         trainer.train()
-        if recipe.training.export_at_end and trainer.accelerator.is_main_process:
-            name, why = choose_checkpoint(recipe.run.output_dir, recipe.training.export_checkpoint,
-                                          recipe.eval.min_prompts_for_best)
-            out = export_run(recipe.run.output_dir, checkpoint=name)
-            print(f"exported {name} ({why}) to {out}")
+        if trainer.accelerator.is_main_process:
+            export = None
+            if recipe.training.export_at_end:
+                name, why = choose_checkpoint(recipe.run.output_dir, recipe.training.export_checkpoint,
+                                              recipe.eval.min_prompts_for_best)
+                out = export_run(recipe.run.output_dir, checkpoint=name, why=why)
+                print(f"exported {name} ({why}) to {out}")
+                export = {"path": out, "checkpoint": name, "why": why,
+                          "serve": serve_commands(serving_target(recipe.target.model), out, recipe.draft.architecture)}
+            print(trainer.summary(export), flush=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,7 +45,8 @@ def test_tiny_recipe_learns_and_exports(tmp_path):
     out = tmp_path / "run"
     _run(_train_cmd(out, "training.max_steps=60", "training.log_every=1", "training.warmup_ratio=0.1",
                     "data.sources.0.max_rows=600", "data.tokens_per_batch=2048"))
-    rows = read_metrics(out)
+    floors, *rows = read_metrics(out)  # step 0: τ of the untrained head and of the bigram (eval.floors)
+    assert floors["step"] == 0 and floors["eval_tau_untrained"] >= 1 and floors["eval_tau_bigram"] >= 1
     assert [r["step"] for r in rows] == list(range(1, 61))
     first, last = rows[:3], rows[-10:]
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
