@@ -297,25 +297,37 @@ class BigramDrafter(Drafter):
     feature = None
 
     def __init__(self, counts: torch.Tensor):
-        self.counts = counts.float()  # [V, V]: counts[a, b] = how often b followed a
-        self.unigram = self.counts.sum(0)
+        # [V, V], counts[a, b] = how often b followed a; kept sparse (rows by CSR), since a dense table of
+        # a real vocabulary is too large (SmolLM2's 49152² floats would be 9.7 GB)
+        counts = (counts if counts.is_sparse else counts.to_sparse()).coalesce().float()
+        self.vocab_size = counts.shape[1]
+        self.unigram = torch.sparse.sum(counts, 0).to_dense() if counts._nnz() else torch.zeros(self.vocab_size)
+        csr = counts.to_sparse_csr()
+        self._starts, self._cols, self._values = csr.crow_indices(), csr.col_indices(), csr.values()
 
     @classmethod
     def from_examples(cls, examples, vocab_size: int) -> BigramDrafter:
         """Counts of (token, next token) where the next token is trained (loss_mask 1)."""
-        counts = torch.zeros(vocab_size * vocab_size)
+        pairs = [torch.empty(0, dtype=torch.long)]
         for e in examples:
-            ids = torch.tensor(e.input_ids)
+            ids = torch.tensor(e.input_ids, dtype=torch.long)  # stored as int32: id * V would overflow
             mask = torch.tensor(e.loss_mask[1:], dtype=torch.bool)
-            pairs = (ids[:-1] * vocab_size + ids[1:])[mask]
-            counts += torch.bincount(pairs, minlength=vocab_size * vocab_size).float()
-        return cls(counts.view(vocab_size, vocab_size))
+            pairs.append((ids[:-1] * vocab_size + ids[1:])[mask])
+        keys, counts = torch.cat(pairs).unique(return_counts=True)
+        indices = torch.stack([keys // vocab_size, keys % vocab_size])
+        return cls(torch.sparse_coo_tensor(indices, counts.float(), (vocab_size, vocab_size)))
+
+    def _counts_after(self, token: int) -> torch.Tensor:
+        start, end = int(self._starts[token]), int(self._starts[token + 1])
+        row = torch.zeros(self.vocab_size)
+        row[self._cols[start:end]] = self._values[start:end]
+        return row
 
     def reset(self) -> None:
         pass
 
     def _propose(self, token: int) -> DraftStep:
-        row = self.counts[token]
+        row = self._counts_after(token)
         row = row if row.sum() > 0 else self.unigram
         return DraftStep(logits=row.log())  # −inf where never seen: never proposed
 
