@@ -296,14 +296,14 @@ class BigramDrafter(Drafter):
 
     feature = None
 
-    def __init__(self, counts: torch.Tensor):
-        # [V, V], counts[a, b] = how often b followed a; kept sparse (rows by CSR), since a dense table of
-        # a real vocabulary is too large (SmolLM2's 49152² floats would be 9.7 GB)
-        counts = (counts if counts.is_sparse else counts.to_sparse()).coalesce().float()
-        self.vocab_size = counts.shape[1]
-        self.unigram = torch.sparse.sum(counts, 0).to_dense() if counts._nnz() else torch.zeros(self.vocab_size)
-        csr = counts.to_sparse_csr()
-        self._starts, self._cols, self._values = csr.crow_indices(), csr.col_indices(), csr.values()
+    def __init__(self, pairs: torch.Tensor, counts: torch.Tensor, vocab_size: int):
+        """`pairs`: the distinct (token a, next token b) seen, as sorted keys a·V + b; `counts`: how often
+        each. Kept as lists rather than a [V, V] table, which for a real vocabulary is too large
+        (SmolLM2's 49152² floats would be 9.7 GB)."""
+        self.vocab_size = vocab_size
+        self._starts = torch.searchsorted(pairs // vocab_size, torch.arange(vocab_size + 1))  # a's pairs: a slice
+        self._next, self._counts = pairs % vocab_size, counts.float()
+        self.unigram = torch.zeros(vocab_size).index_add_(0, self._next, self._counts)
 
     @classmethod
     def from_examples(cls, examples, vocab_size: int) -> BigramDrafter:
@@ -313,14 +313,13 @@ class BigramDrafter(Drafter):
             ids = torch.tensor(e.input_ids, dtype=torch.long)  # stored as int32: id * V would overflow
             mask = torch.tensor(e.loss_mask[1:], dtype=torch.bool)
             pairs.append((ids[:-1] * vocab_size + ids[1:])[mask])
-        keys, counts = torch.cat(pairs).unique(return_counts=True)
-        indices = torch.stack([keys // vocab_size, keys % vocab_size])
-        return cls(torch.sparse_coo_tensor(indices, counts.float(), (vocab_size, vocab_size)))
+        keys, counts = torch.cat(pairs).unique(sorted=True, return_counts=True)
+        return cls(keys, counts, vocab_size)
 
     def _counts_after(self, token: int) -> torch.Tensor:
         start, end = int(self._starts[token]), int(self._starts[token + 1])
         row = torch.zeros(self.vocab_size)
-        row[self._cols[start:end]] = self._values[start:end]
+        row[self._next[start:end]] = self._counts[start:end]
         return row
 
     def reset(self) -> None:
