@@ -1,7 +1,8 @@
 """Draft quality: EAGLE-3 vs EAGLE-1/2 vs the MLP baseline, by real speculative decoding.
 
     python launch/bench.py quality --out quality.json                       # the tiny target
-    python launch/bench.py quality --target smollm2 --tokens 1000000 --out q.json --plot q.png
+    python launch/bench.py quality --target smollm2 --tokens 1000000 --curve-every 100000 \
+        --out q.json --plot q.png
 
 Each head is trained with its recipe for the target (recipes/tiny_* or recipes/smollm2_*) on the same
 ShareGPT rows for the same number of training tokens (steps = tokens / tokens-per-batch, the same for
