@@ -48,6 +48,8 @@ def test_smollm2_learning_curves(tmp_path):
         head = report["heads"][name]
         assert [p["step"] for p in curve] == [0, 1, 2, 3]
         assert [p["tokens"] for p in curve] == [0, 512, 1024, 1536]
+        seen = [p["tokens_seen"] for p in curve]  # rows packed short of 512, but each step holds some
+        assert seen[0] == 0 and all(0 < b - a <= 512 for a, b in zip(seen, seen[1:])), seen
         assert all(len(p["accept"]) == 5 and p["tau_T0"] >= 1.0 for p in curve)
         # The ends are the untrained floor and the trained head, at both temperatures.
         assert curve[0]["tau_T0"] == head["untrained"]["0.0"]["tau"]

@@ -79,19 +79,20 @@ def _evaluate_all(trainer, drafter, prompts, args) -> dict:
 
 def _curve(run_dir, untrained: dict, trained: dict, tokens_per_batch: int) -> list[dict]:
     """τ against training tokens: the untrained head at 0, the trainer's greedy evaluations (metrics.jsonl
-    rows with `eval_tau`), and τ at T=1 at both ends, where the bench measured it."""
+    rows with `eval_tau`), and τ at T=1 at both ends, where the bench measured it. `tokens` is the budget
+    (step × tokens-per-batch); `tokens_seen` the packed tokens the steps really held (rows end short of
+    a full batch), summed from the per-step rows (curves log every step)."""
     from eagle_online.metrics import read_metrics
 
-    def point(step: int, by_t: dict) -> dict:
-        return {"tokens": step * tokens_per_batch, "step": step, "tau_T0": by_t["0.0"]["tau"],
-                "tau_T1": by_t["1.0"]["tau"], "accept": by_t["0.0"]["acceptance"]}
-
-    points = {0: point(0, untrained)}
+    points = {0: {"tokens": 0, "tokens_seen": 0, "step": 0, "tau_T0": untrained["0.0"]["tau"],
+                  "tau_T1": untrained["1.0"]["tau"], "accept": untrained["0.0"]["acceptance"]}}
+    seen = 0
     for row in read_metrics(run_dir):
+        seen += int(row.get("tokens", 0))
         if "eval_tau" in row:
             accept = [row[k] for k in sorted((k for k in row if k.startswith("eval_accept_")),
                                              key=lambda k: int(k.rsplit("_", 1)[1]))]
-            points[row["step"]] = {"tokens": row["step"] * tokens_per_batch, "step": row["step"],
+            points[row["step"]] = {"tokens": row["step"] * tokens_per_batch, "tokens_seen": seen, "step": row["step"],
                                    "tau_T0": row["eval_tau"], "accept": accept}
     points[max(points)]["tau_T1"] = trained["1.0"]["tau"]  # the last evaluation is the end of training
     return [points[s] for s in sorted(points)]
@@ -122,7 +123,7 @@ def run_quality(args, log=print) -> dict:
                          f"draft.draft_vocab_size={args.draft_vocab_size}",
                          f"training.max_steps={args.steps}", "training.progress_bar=false",
                          "training.export_at_end=false", "training.overwrite=true",
-                         f"training.log_every={args.log_every}",
+                         f"training.log_every={1 if args.curve_every_steps else args.log_every}",
                          f"training.checkpoint_every={args.steps}", f"run.seed={args.seed}"]
             if args.curve_every_steps:  # the trainer's own evaluation, on the bench's prompts and settings
                 overrides += [f"eval.every={args.curve_every_steps}", "eval.prompts=builtin:sharegpt",
@@ -255,7 +256,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("-k", "--num-draft-tokens", type=int, help="tokens drafted per target forward (default: "
                         "tiny 4, smollm2 5)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--log-every", type=int, default=25,
+                        help="steps between metrics.jsonl rows (default 25; every step with --curve-every)")
     parser.add_argument("--work-dir", help="keep the runs here (default: a temporary directory, removed)")
     parser.add_argument("--out", type=Path, help="write the report as JSON")
     parser.add_argument("--plot", type=Path, help="write the learning curves as a PNG (needs --curve-every and "
