@@ -128,6 +128,10 @@ class DraftConfig(_Section):
     normalize_feature_scale: bool = Field(
         True, description="EAGLE-3: divide fc's init and lr by the aux features' RMS (trainer._feature_scale)"
     )
+    feature_scale: Literal["global", "per_layer"] = Field(
+        "global", description="with normalize_feature_scale: one RMS over the three aux layers, or each layer's "
+        "own for its third of fc's input columns (layers of very different scales; the export stays plain EAGLE-3)"
+    )
     fc_bias: bool = Field(True, description="EAGLE-1/2: fc with a bias (SGLang loads it; vLLM's fc has none)")
     feature_noise: float = Field(0.1, ge=0, description="EAGLE-1/2: uniform noise half-width on features")
     mlp_blocks: int = Field(3, ge=1, description="MLP baseline: (Linear, ReLU, LayerNorm) blocks")

@@ -243,9 +243,13 @@ class Trainer:
         self.target = FrozenTarget(model, aux_ids, draft_ids.to(acc.device))
         head = self._build_head(vocab_size, d2t, t2d, imported)
         feature_scale = self._feature_scale(head)
+        layer_scales = self._layer_feature_scales(head)
+        # fc's input columns, each divided by its layer's scale (per_layer), or all by one (global)
+        self._fc_column_scale = torch.tensor(layer_scales).repeat_interleave(head.fc.in_features // 3) \
+            if layer_scales else None
         if isinstance(head, Eagle3Head) and imported is None:
             with torch.no_grad():
-                head.fc.weight.div_(feature_scale)
+                head.fc.weight.div_(feature_scale if layer_scales is None else self._fc_column_scale)
         if r.draft.compile:
             if not hasattr(head, "compile_layer"):
                 raise RecipeError(f"draft.compile: the {r.draft.architecture} head has no compiled path (EAGLE-3 only)")
@@ -255,6 +259,8 @@ class Trainer:
             config.to_json_file(self.run_dir / "draft_config.json")
             info = {"aux_layer_ids": self.target.aux_layer_ids, "target_num_layers": len(decoder_layers(model)),
                     "feature_scale": feature_scale, "target_parameters": self.target_params}
+            if layer_scales:
+                info["layer_feature_scales"] = layer_scales
             revision = getattr(model.config, "_commit_hash", None)  # the hub's commit, when loaded from the hub
             if revision:
                 info["target_revision"] = revision
@@ -348,12 +354,28 @@ class Trainer:
         Dividing fc's init and learning rate by the scale is the same as training on aux / scale with
         the usual init and rate (the served weights stay plain EAGLE-3). A function of the recipe alone
         (epoch 0's first batch), so a resumed run and every rank get the same; run_info.json records it."""
-        if not isinstance(head, Eagle3Head) or not self.recipe.draft.normalize_feature_scale:
+        d = self.recipe.draft
+        if not isinstance(head, Eagle3Head) or not d.normalize_feature_scale or d.feature_scale != "global":
             return 1.0
+        return float(self._first_batch_aux().pow(2).mean(-1).sqrt().median())
+
+    def _layer_feature_scales(self, head) -> list[float] | None:
+        """draft.feature_scale=per_layer: each aux layer's own median per-token RMS (a target's low, mid
+        and high layers can differ by orders of magnitude), for its third of fc's input columns: their
+        init is divided by it and their Adam step too (_optimizer_step), which is training fc on each
+        layer divided by its scale, with fc still applied to the raw features. None otherwise."""
+        d = self.recipe.draft
+        if not isinstance(head, Eagle3Head) or not d.normalize_feature_scale or d.feature_scale != "per_layer":
+            return None
+        aux = self._first_batch_aux()
+        layers = aux.reshape(*aux.shape[:-1], 3, aux.shape[-1] // 3)
+        return [float(s) for s in layers.pow(2).mean(-1).sqrt().flatten(0, -2).median(0).values]
+
+    def _first_batch_aux(self) -> torch.Tensor:
+        """The target's aux features on epoch 0's first micro-batch: a function of the recipe alone."""
         batch = self._epoch_micro_batches(0)[0]
         device = self.accelerator.device
-        aux = self.target(batch.input_ids.to(device), batch.position_ids.to(device)).aux_hidden.float()
-        return float(aux.pow(2).mean(-1).sqrt().median())
+        return self.target(batch.input_ids.to(device), batch.position_ids.to(device)).aux_hidden.float()
 
     def _param_groups(self, head, feature_scale: float) -> list[dict]:
         """Trainable parameters in optimizer groups: EAGLE-3's fc at lr / feature_scale (see
@@ -500,7 +522,14 @@ class Trainer:
     def _optimizer_step(self) -> torch.Tensor:
         """Clip, step the optimizer and the schedule, clear the gradients; returns the pre-clip norm."""
         grad_norm = self.accelerator.clip_grad_norm_(self.head.parameters(), self.recipe.training.max_grad_norm)
+        scale = self._fc_column_scale  # per_layer feature scale: fc's columns step at lr / their layer's scale
+        if scale is not None:
+            fc = self.unwrapped_head().fc.weight
+            before = fc.detach().clone()
         self.optimizer.step()
+        if scale is not None:
+            with torch.no_grad():  # Adam's step is proportional to lr, so scaling the step scales the lr
+                fc.copy_(before + (fc - before) / scale.to(fc.device))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm

@@ -24,3 +24,52 @@ def test_trained_tiny_head_beats_untrained(tmp_path):
     assert head["trained"]["0.0"]["tau"] >= 1.0 and "bigram" in report
     # EAGLE-3 read the bench's feature layers, not the recipe's engine defaults [2, 4, 5].
     assert json.loads((tmp_path / "runs" / "eagle3" / "run_info.json").read_text())["aux_layer_ids"] == [2, 4, 7]
+
+
+def test_smollm2_learning_curves(tmp_path):
+    """On SmolLM2 with --tokens and --curve-every: the same budget for every head, a curve point per
+    trainer evaluation with its acceptance per draft position, the floors, and the PNG of the curves."""
+    pytest.importorskip("gguf")  # the built-in SmolLM2 target is read from a GGUF file (the test extra has it)
+    parser = argparse.ArgumentParser()
+    quality.add_arguments(parser)
+    args = parser.parse_args(["--target", "smollm2", "--heads", "eagle3", "eagle1", "--tokens", "1500",
+                              "--tokens-per-batch", "512", "--curve-every", "512", "--rows", "40",
+                              "--draft-vocab-size", "1024", "--ttt-length", "2", "--prompts", "2",
+                              "--prompt-skip", "100", "--max-new-tokens", "8", "--log-every", "1",
+                              "--work-dir", str(tmp_path / "runs"),
+                              "--out", str(tmp_path / "q.json"), "--plot", str(tmp_path / "q.png")])
+    assert quality.main(args) == 0
+    report = json.loads((tmp_path / "q.json").read_text())
+    s = report["settings"]
+    assert (s["target"], s["steps"], s["tokens"], s["num_draft_tokens"]) == ("smollm2", 3, 1536, 5)
+    assert set(report["heads"]) == set(report["curves"]) == {"eagle3", "eagle1"}
+    assert report["bigram"]["0.0"]["tau"] >= 1.0 and len(report["bigram"]["1.0"]["acceptance"]) == 5
+    for name, curve in report["curves"].items():
+        head = report["heads"][name]
+        assert [p["step"] for p in curve] == [0, 1, 2, 3]
+        assert [p["tokens"] for p in curve] == [0, 512, 1024, 1536]
+        seen = [p["tokens_seen"] for p in curve]  # rows packed short of 512, but each step holds some
+        assert seen[0] == 0 and all(0 < b - a <= 512 for a, b in zip(seen, seen[1:])), seen
+        assert all(len(p["accept"]) == 5 and p["tau_T0"] >= 1.0 for p in curve)
+        # The ends are the untrained floor and the trained head, at both temperatures.
+        assert curve[0]["tau_T0"] == head["untrained"]["0.0"]["tau"]
+        assert curve[0]["tau_T1"] == head["untrained"]["1.0"]["tau"]
+        assert curve[-1]["tau_T0"] == pytest.approx(head["trained"]["0.0"]["tau"])
+        assert curve[-1]["tau_T1"] == head["trained"]["1.0"]["tau"]
+        assert "tau_T1" not in curve[1]
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bigram_counts_a_real_vocabulary_sparsely():
+    """The bigram floor on SmolLM2's 49152-token vocabulary (a dense table would be 9.7 GB): it proposes
+    the most frequent trained follower, and the unigram counts after a token never seen."""
+    from eagle_online.data.chat import TokenizedConversation
+    from eagle_online.evaluate import BigramDrafter
+
+    conv = TokenizedConversation(input_ids=[7, 40000, 7, 40000, 7, 40000, 5, 7], loss_mask=[0, 1, 1, 1, 1, 1, 1, 0])
+    bigram = BigramDrafter.from_examples([conv], 49152)
+    assert int(bigram.chain(7, 0).logits.argmax()) == 40000  # 7 → 40000 three times
+    assert int(bigram.chain(40000, 0).logits.argmax()) == 7  # 40000 → 7 twice, → 5 once
+    assert bigram.chain(7, 0).logits[5] == float("-inf")  # never followed 7: never proposed after it
+    # 5 → 7 is not counted (7 is not trained there), so 5 and the unseen 123 fall back to the unigram
+    assert int(bigram.chain(5, 0).logits.argmax()) == int(bigram.chain(123, 0).logits.argmax()) == 40000

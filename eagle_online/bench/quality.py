@@ -1,80 +1,68 @@
-"""Draft quality on the tiny target: EAGLE-3 vs EAGLE-1/2 vs the MLP baseline, by real speculative decoding.
+"""Draft quality: EAGLE-3 vs EAGLE-1/2 vs the MLP baseline, by real speculative decoding.
 
-    python launch/bench.py quality --out quality.json [--steps 300] [--rows 1000] [--prompts 16]
+    python launch/bench.py quality --out quality.json                       # the tiny target
+    python launch/bench.py quality --target smollm2 --tokens 1000000 --curve-every 100000 \
+        --out q.json --plot q.png
 
-Each head is trained with its tiny recipe (recipes/tiny_eagle3, tiny_eagle1, tiny_mlp) on the same
-ShareGPT rows for the same number of steps, then τ is measured on held-out ShareGPT openings (rows
-5000+) greedily and at T=1, beside the same head untrained (the floor) and a bigram draft counted from
-the training data. The tiny target's greedy continuations loop, which flatters context-free drafts,
-so the ranking is read at T=1; the greedy column is reported with the bigram beside it.
-Takes tens of minutes on 2 CPU cores (set OMP_NUM_THREADS); the JSON keeps every figure and sample.
+Each head is trained with its recipe for the target (recipes/tiny_* or recipes/smollm2_*) on the same
+ShareGPT rows for the same number of training tokens (steps = tokens / tokens-per-batch, the same for
+every head), then τ is measured on held-out ShareGPT openings (rows 5000+) greedily and at T=1, beside
+the same head untrained and a bigram draft counted from the training data (the floors). With
+--curve-every, the trainer's periodic evaluation (the recipe's `eval` section) measures greedy τ and the
+acceptance per draft position during training: the learning curves, in the JSON and, with --plot, a PNG
+(needs matplotlib: pip install -e ".[bench]").
 
-Options set what every head shares (steps, rows, tokens per step, draft vocabulary, prompts); the
-defaults are the settings behind the README's figures. The report prints a table (τ at T=0 and T=1,
-each head untrained beside it, the bigram, final acc_0) and --out keeps everything as JSON.
-Why EAGLE-3 trails EAGLE-1 on this 8-layer target: see MEASUREMENTS in eagle_online/bench/quality.py.
+How long: the tiny target's defaults take tens of minutes on 2 CPU cores; SmolLM2-135M trains at a few
+hundred tokens/s on 2 cores (1M tokens per head is hours) and each curve point adds an evaluation. Set
+OMP_NUM_THREADS. What the runs found is in launch/QUALITY.md.
 """
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-HEAD_RECIPES = {"eagle3": "tiny_eagle3", "eagle1": "tiny_eagle1", "mlp": "tiny_mlp"}
+HEADS = ("eagle3", "eagle1", "mlp")
 TEMPERATURES = (0.0, 1.0)
+# Per target: each head's recipe and the options' defaults. The tiny target keeps the settings of
+# launch/results/quality_tiny.json; SmolLM2 keeps its recipes' data, batch and draft vocabulary.
+TARGETS = {
+    "tiny": {
+        "recipes": {"eagle3": "tiny_eagle3", "eagle1": "tiny_eagle1", "mlp": "tiny_mlp"},
+        "defaults": {"steps": 300, "rows": 1000, "tokens_per_batch": 4096, "max_length": 512, "draft_vocab_size": 4096,
+                     "eagle3_aux_layer_ids": [2, 4, 7], "num_draft_tokens": 4},
+    },
+    "smollm2": {
+        "recipes": {"eagle3": "smollm2_eagle3", "eagle1": "smollm2_eagle1", "mlp": "smollm2_mlp"},
+        "defaults": {"tokens": 1_000_000, "rows": 2000, "tokens_per_batch": 2048, "max_length": 1024,
+                     "draft_vocab_size": 8192,
+                     "eagle3_aux_layer_ids": None, "num_draft_tokens": 5},
+    },
+}
 
-# The research notes behind the README's quality figures (kept here, out of --help).
-MEASUREMENTS = """
-Why EAGLE-3 does not win on the tiny target (measured 2026-11; OMP_NUM_THREADS=1, EAGLE-3 at
-ttt_length=1, 80 steps of 4096 tokens, draft vocab 4096, acc_0 = mean of the last three logged values;
-the features were swapped by patching FrozenTarget.forward in a throwaway script):
 
-    head, features                                          acc_0   loss_0
-    EAGLE-3, aux ids [2, 4, 5] (engine default for N=8)     0.234   6.27
-    EAGLE-3, aux features zeroed                            0.195   6.41
-    EAGLE-3, aux ids [2, 4, 7]                              0.272   6.13
-    EAGLE-3, [2, 4, 7], each layer RMS-normalised per token 0.273   6.12
-    EAGLE-3, the target's final post-norm state ×3          0.319   5.96
-    EAGLE-1 (final post-norm state)                         0.320   5.90
-    EAGLE-1, soft-CE only (no feature regression)           0.320   5.94
-    EAGLE-1, features zeroed                                0.190   6.65
-    MLP (token only)                                        0.262   6.25
-
-The cause is where the features come from, not the head, the loss or the alignment: fed the same
-feature as EAGLE-1, the EAGLE-3 head learns exactly as fast (0.319 vs 0.320); EAGLE-1's dense feature
-loss adds nothing here (0.320 with or without it); the features' scale is not it either (per-token
-normalisation changes nothing). An id is the residual stream entering that layer, so the engines'
-default [2, N//2, N-3] leaves the one-layer head to redo 3 of the tiny target's 8 layers plus its final
-norm (on Llama-3.1-8B, 3 of 32), and the features add only 0.04 acc_0 over none at all (EAGLE-1's add
-0.13). The deepest id the engines can capture is N-1 = 7, still one whole layer short of EAGLE-1's
-input, hence `--eagle3-aux-layer-ids` defaults to [2, 4, 7] here. This is a property of an 8-layer
-target, not of EAGLE-3: with 32+ layers the last three are a small part of the network, and the paper's
-gain comes from data scale and TTT, neither of which 300 CPU steps provide. The recipe keeps the engine
-defaults (explicit ids are exported with a warning for SGLang's version-dependent reading, DESIGN §5).
-Alignment was checked separately: the drafter reproduces TTT steps 0 and 1 (tests/test_evaluate.py),
-training step 0 is recomputed by hand (tests/test_eagle3.py), and the train-time acc_0 agrees with the
-greedy first-position acceptance of the evaluation (EAGLE-3 0.37 vs 0.36, EAGLE-1 0.51 vs 0.55).
-The whole benchmark with these settings (`OMP_NUM_THREADS=1 python launch/bench.py quality --out q.json`:
-300 steps, 1000 rows, 4096 tokens/step, draft vocab 4096, EAGLE-3 ids [2, 4, 7] and TTT 7, 16 prompts):
-
-    draft    tau T=0  tau T=1  untrained T=0  untrained T=1  acc_0
-    eagle3     1.757    1.956          1.000          1.113  0.401
-    eagle1     1.945    2.525          1.002          1.252  0.497
-    mlp        1.792    1.898          1.000          1.219  0.342
-    bigram     1.496    1.702
-
-(rerun at d783a87, after the EAGLE-1 head moved to the lean layers: training 961 s EAGLE-3, 242 s
-EAGLE-1, 211 s MLP; an earlier run of the same settings gave EAGLE-3 1.757 / 1.881 and MLP 1.712 /
-2.000, which is the run-to-run spread at T=1 from 16 prompts.)
-
-(with the engine-default ids [2, 4, 5] and a 2048-token draft vocab: EAGLE-3 1.615 / 1.923, acc_0 0.372.)
-EAGLE-3 gains greedily and in acc_0 but still trails EAGLE-1, and at T=1 sits with the MLP (16 prompts
-of 64 tokens: differences under ~0.1 are noise), as the ablation above predicts for this target.
-Gradient clipping bites at every EAGLE-3 step (grad norm ~1000 against max_grad_norm 0.5, fc's raw
-gradient growing with the ~1300-RMS features), but removing it made acc_0 worse (0.147), so it stays.
-"""
+def resolve_settings(args) -> None:
+    """Fill the options left unset from the target's defaults and derive the steps from --tokens."""
+    defaults = TARGETS[args.target]["defaults"]
+    for key, value in defaults.items():
+        if key not in ("steps", "tokens") and getattr(args, key) is None:
+            setattr(args, key, value)
+    args.max_length = min(args.max_length, args.tokens_per_batch)  # a packed row holds at least one sequence
+    if args.steps is not None and args.tokens is not None:
+        raise SystemExit("error: give --steps or --tokens, not both")
+    if args.steps is None and args.tokens is None:
+        args.steps, args.tokens = defaults.get("steps"), defaults.get("tokens")
+    if args.steps is None:
+        args.steps = max(1, math.ceil(args.tokens / args.tokens_per_batch))
+    args.tokens = args.steps * args.tokens_per_batch  # what is trained: whole steps
+    if args.curve_every is not None:
+        args.curve_every_steps = max(1, round(args.curve_every / args.tokens_per_batch)) \
+            if args.curve_every >= args.tokens_per_batch else max(1, args.curve_every)
+    else:
+        args.curve_every_steps = None
 
 
 def _evaluate_all(trainer, drafter, prompts, args) -> dict:
@@ -89,6 +77,27 @@ def _evaluate_all(trainer, drafter, prompts, args) -> dict:
     return out
 
 
+def _curve(run_dir, untrained: dict, trained: dict, tokens_per_batch: int) -> list[dict]:
+    """τ against training tokens: the untrained head at 0, the trainer's greedy evaluations (metrics.jsonl
+    rows with `eval_tau`), and τ at T=1 at both ends, where the bench measured it. `tokens` is the budget
+    (step × tokens-per-batch); `tokens_seen` the packed tokens the steps really held (rows end short of
+    a full batch), summed from the per-step rows (curves log every step)."""
+    from eagle_online.metrics import read_metrics
+
+    points = {0: {"tokens": 0, "tokens_seen": 0, "step": 0, "tau_T0": untrained["0.0"]["tau"],
+                  "tau_T1": untrained["1.0"]["tau"], "accept": untrained["0.0"]["acceptance"]}}
+    seen = 0
+    for row in read_metrics(run_dir):
+        seen += int(row.get("tokens", 0))
+        if "eval_tau" in row:
+            accept = [row[k] for k in sorted((k for k in row if k.startswith("eval_accept_")),
+                                             key=lambda k: int(k.rsplit("_", 1)[1]))]
+            points[row["step"]] = {"tokens": row["step"] * tokens_per_batch, "tokens_seen": seen, "step": row["step"],
+                                   "tau_T0": row["eval_tau"], "accept": accept}
+    points[max(points)]["tau_T1"] = trained["1.0"]["tau"]  # the last evaluation is the end of training
+    return [points[s] for s in sorted(points)]
+
+
 def run_quality(args, log=print) -> dict:
     """Train and measure every head (see the module docstring); returns the report."""
     import torch
@@ -101,19 +110,28 @@ def run_quality(args, log=print) -> dict:
     torch.set_flush_denormal(True)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="quality-"))
     prompts = load_prompts("builtin:sharegpt", limit=args.prompts, skip=args.prompt_skip)
-    report = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir")}, "heads": {}}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "plot")}
+    report = {"settings": settings, "heads": {}, "curves": {}}
     bigram_done = False
     try:
-        for name, recipe_name in HEAD_RECIPES.items():
+        for name, recipe_name in TARGETS[args.target]["recipes"].items():
             if name not in args.heads:
                 continue
-            overrides = [f"run.output_dir={work / name}", f"data.sources.0.max_rows={args.rows}",
-                         f"data.tokens_per_batch={args.tokens_per_batch}",
+            run_dir = work / name
+            overrides = [f"run.output_dir={run_dir}", f"data.sources.0.max_rows={args.rows}",
+                         f"data.tokens_per_batch={args.tokens_per_batch}", f"data.max_length={args.max_length}",
                          f"draft.draft_vocab_size={args.draft_vocab_size}",
                          f"training.max_steps={args.steps}", "training.progress_bar=false",
                          "training.export_at_end=false", "training.overwrite=true",
-                         f"training.log_every={args.log_every}",
-                         f"training.checkpoint_every={args.steps}", f"run.seed={args.seed}", "eval.every=null"]
+                         f"training.log_every={1 if args.curve_every_steps else args.log_every}",
+                         f"training.checkpoint_every={args.steps}", f"run.seed={args.seed}"]
+            if args.curve_every_steps:  # the trainer's own evaluation, on the bench's prompts and settings
+                overrides += [f"eval.every={args.curve_every_steps}", "eval.prompts=builtin:sharegpt",
+                              f"eval.skip_prompts={args.prompt_skip}", f"eval.num_prompts={args.prompts}",
+                              f"eval.max_new_tokens={args.max_new_tokens}",
+                              f"eval.num_draft_tokens={args.num_draft_tokens}", "eval.temperature=0.0"]
+            else:
+                overrides.append("eval.every=null")
             if name == "eagle3":
                 overrides.append(f"draft.ttt_length={args.ttt_length}")
                 if args.eagle3_aux_layer_ids:
@@ -134,17 +152,22 @@ def run_quality(args, log=print) -> dict:
             train_s = time.perf_counter() - start
             head.eval()
             trained = _evaluate_all(trainer, drafter_for(trainer.unwrapped_head()), prompts, args)
-            log(f"{name} trained ({args.steps} steps, {train_s:.0f} s): {_brief(trained)}")
+            log(f"{name} trained ({args.steps} steps, {args.tokens} tokens, {train_s:.0f} s): {_brief(trained)}")
             report["heads"][name] = {
                 "recipe": recipe_name, "untrained": untrained, "trained": trained, "train_seconds": round(train_s, 1),
                 "final_train_metrics": {k: v for k, v in last.items() if k.startswith(("acc_", "loss", "tau_hat"))},
             }
+            if args.curve_every_steps:
+                report["curves"][name] = _curve(run_dir, untrained, trained, args.tokens_per_batch)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     t1 = {n: h["trained"]["1.0"]["tau"] for n, h in report["heads"].items()}
     if {"eagle3", "eagle1", "mlp"} <= set(t1):
         report["ordering_eagle3_gt_eagle1_gt_mlp_at_T1"] = t1["eagle3"] > t1["eagle1"] > t1["mlp"]
+    t0 = {n: h["trained"]["0.0"]["tau"] for n, h in report["heads"].items()}
+    if {"eagle3", "eagle1"} <= set(t0):
+        report["eagle3_over_eagle1_tau_T0"] = t0["eagle3"] / t0["eagle1"]
     return report
 
 
@@ -162,38 +185,99 @@ def format_table(report: dict) -> str:
     if "bigram" in report:
         b = report["bigram"]
         rows.append(f"{'bigram':<10} {b['0.0']['tau']:>8.3f} {b['1.0']['tau']:>8.3f} {'':>14} {'':>14} {'':>6}")
+    for name, curve in report.get("curves", {}).items():
+        rows.append(f"{name} greedy tau by training tokens: "
+                    + ", ".join(f"{p['tokens']}: {p['tau_T0']:.3f}" for p in curve))
     return "\n".join(rows)
 
 
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit('error: --plot needs matplotlib: pip install -e ".[bench]" (or leave --plot out)') from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_tau_curves(report: dict, path: Path) -> None:
+    """τ against training tokens as a PNG: one line per head (greedy, solid; T=1 at the ends, dotted
+    markers), the bigram as horizontal lines. Needs matplotlib (the `bench` extra)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, curve in report["curves"].items():
+        (line,) = ax.plot([p["tokens"] for p in curve], [p["tau_T0"] for p in curve], marker="o", label=f"{name} T=0")
+        ends = [p for p in curve if "tau_T1" in p]
+        ax.plot([p["tokens"] for p in ends], [p["tau_T1"] for p in ends], linestyle=":", marker="s",
+                color=line.get_color(), label=f"{name} T=1")
+    if "bigram" in report:
+        for t, style in (("0.0", "--"), ("1.0", ":")):
+            ax.axhline(report["bigram"][t]["tau"], color="gray", linestyle=style, label=f"bigram T={t[0]}")
+    s = report["settings"]
+    ax.set(xlabel="training tokens per head", ylabel=f"τ (tokens per target forward, k={s['num_draft_tokens']})",
+           title=f"draft quality on {s['target']} ({s['prompts']} held-out prompts)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per head (same for all)")
-    parser.add_argument("--rows", type=int, default=1000, help="ShareGPT rows trained on (same for all)")
-    parser.add_argument("--tokens-per-batch", type=int, default=4096, help="packed tokens per step (same for all)")
-    parser.add_argument("--ttt-length", type=int, default=7, help="EAGLE-3's TTT unroll")
-    parser.add_argument("--eagle3-aux-layer-ids", type=int, nargs=3, default=[2, 4, 7], metavar="ID",
-                        help="EAGLE-3's feature layers; default [2, 4, 7], the deepest the 8-layer tiny target "
-                        "allows, rather than the engines' [2, N//2, N-3] = [2, 4, 5] (see the module docstring)")
-    parser.add_argument("--draft-vocab-size", type=int, default=4096,
-                        help="EAGLE-3/MLP draft vocabulary; default the tiny target's whole vocabulary, because "
-                        "EAGLE-1/2 drafts over the target's whole lm_head and the tiny recipes' 2048 tokens miss "
-                        "the teacher's argmax at 26%% of trained positions")
-    parser.add_argument("--prompts", type=int, default=16, help="held-out prompts for τ")
+    parser.add_argument("--target", choices=list(TARGETS), default="tiny",
+                        help="tiny (default; recipes tiny_*) or smollm2 (SmolLM2-135M-Instruct, recipes smollm2_*)")
+    parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS), metavar="HEAD",
+                        help="heads to train, from eagle3 eagle1 mlp (default: all three)")
+    parser.add_argument("--tokens", type=int, help="training tokens per head, the same for all (steps = tokens / "
+                        "tokens-per-batch); default: smollm2 1000000")
+    parser.add_argument("--steps", type=int, help="optimizer steps per head instead of --tokens; default: tiny 300")
+    parser.add_argument("--curve-every", type=int, metavar="N",
+                        help="measure greedy τ during training every N tokens (N < tokens-per-batch: every N "
+                        "steps) for the learning curves; default: none, τ at the end only")
+    parser.add_argument("--rows", type=int, help="ShareGPT rows trained on (default: tiny 1000, smollm2 2000)")
+    parser.add_argument("--tokens-per-batch", type=int,
+                        help="packed tokens per step (default: tiny 4096, smollm2 2048)")
+    parser.add_argument("--max-length", type=int, help="tokens per conversation, longer ones cut (default: tiny "
+                        "512, smollm2 1024; at most tokens-per-batch)")
+    parser.add_argument("--ttt-length", type=int, default=7, help="EAGLE-3's TTT unroll (default 7)")
+    parser.add_argument("--eagle3-aux-layer-ids", type=int, nargs=3, metavar="ID",
+                        help="EAGLE-3's feature layers (default: tiny [2, 4, 7], the deepest the 8-layer target "
+                        "allows, see launch/QUALITY.md; smollm2: the recipe's, the engines' [2, N//2, N-3])")
+    parser.add_argument("--draft-vocab-size", type=int,
+                        help="EAGLE-3/MLP draft vocabulary (default: tiny 4096, its whole vocabulary, as EAGLE-1/2 "
+                        "drafts over the target's whole lm_head; smollm2 8192, its recipes')")
+    parser.add_argument("--prompts", type=int, default=16, help="held-out prompts for τ (default 16)")
     parser.add_argument("--prompt-skip", type=int, default=5000, help="ShareGPT rows skipped before the prompts")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
-    parser.add_argument("-k", "--num-draft-tokens", type=int, default=4, help="tokens drafted per target forward")
-    parser.add_argument("--heads", nargs="+", default=list(HEAD_RECIPES), choices=list(HEAD_RECIPES),
-                        help="which heads to train and measure (default: all three)")
-    parser.add_argument("--seed", type=int, default=0, help="training and sampling seed")
-    parser.add_argument("--log-every", type=int, default=25, help="training steps between progress lines")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
+    parser.add_argument("-k", "--num-draft-tokens", type=int, help="tokens drafted per target forward (default: "
+                        "tiny 4, smollm2 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=25,
+                        help="steps between metrics.jsonl rows (default 25; every step with --curve-every)")
     parser.add_argument("--work-dir", help="keep the runs here (default: a temporary directory, removed)")
     parser.add_argument("--out", type=Path, help="write the report as JSON")
+    parser.add_argument("--plot", type=Path, help="write the learning curves as a PNG (needs --curve-every and "
+                        "matplotlib)")
 
 
 def main(args) -> int:
+    resolve_settings(args)
+    if args.plot and not args.curve_every_steps:
+        raise SystemExit("error: --plot draws the learning curves: add --curve-every N")
+    if args.plot:
+        _pyplot()  # fail before hours of training, not after
     report = run_quality(args)
     print(format_table(report))
     if "ordering_eagle3_gt_eagle1_gt_mlp_at_T1" in report:
         print(f"EAGLE-3 > EAGLE-1 > MLP at T=1: {report['ordering_eagle3_gt_eagle1_gt_mlp_at_T1']}")
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(args.out)
+    if args.plot:
+        plot_tau_curves(report, args.plot)
     return 0
