@@ -12,9 +12,9 @@ import argparse
 import sys
 
 from eagle_online.data import format_stats
-from eagle_online.data.sources import DataError
 from eagle_online.data.vocab import build_recipe_vocab
-from eagle_online.recipe import RecipeError, load_recipe
+from eagle_online.errors import UserError
+from eagle_online.recipe import load_recipe
 
 
 def main(argv=None) -> int:
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         report = build_recipe_vocab(load_recipe(args.recipe, args.overrides), path=args.out)
-    except (RecipeError, DataError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_stats(report.stats))

@@ -13,8 +13,8 @@ import argparse
 import sys
 
 from eagle_online.data.regenerate import regenerate, shard_from_env
-from eagle_online.data.sources import DataError
-from eagle_online.recipe import RecipeError, load_recipe
+from eagle_online.errors import UserError
+from eagle_online.recipe import load_recipe
 
 
 def main(argv=None) -> int:
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         result = regenerate(recipe, shard, num_shards)
-    except (RecipeError, DataError, ValueError) as e:
+    except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,9 +11,9 @@ import argparse
 import sys
 
 from eagle_online.data import format_stats
-from eagle_online.data.sources import DataError
 from eagle_online.data.view import collect_view, render_ansi, render_html, write_html
-from eagle_online.recipe import RecipeError, load_recipe
+from eagle_online.errors import UserError
+from eagle_online.recipe import load_recipe
 
 
 def main(argv=None) -> int:
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
         from eagle_online.target import load_tokenizer
 
         view = collect_view(recipe.data, load_tokenizer(recipe.target), args.index, args.count)
-    except (RecipeError, DataError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
