@@ -1,10 +1,10 @@
 """All accelerate and DeepSpeed wiring: processes, the frozen target's ZeRO-3 sharding, the head's data
 parallelism, and teardown. Nothing else in the package imports deepspeed.
 
-The design, and why (measured on CPU with torch 2.13, accelerate 1.15, deepspeed 0.19.8; DESIGN §6, §9):
+The design, and why (measured on CPU with torch 2.13, accelerate 1.15, deepspeed 0.19.8):
 
 - **The head is an ordinary accelerate-prepared module**: DDP over all ranks (plain on one). accelerate
-  with DeepSpeed plugins (DESIGN §6) would make the head a DeepSpeed engine as well, whose `backward`
+  with DeepSpeed plugins would make the head a DeepSpeed engine as well, whose `backward`
   steps the optimizer itself and divides the loss by its own accumulation count; the trainer's step
   (no_sync, loss / accumulation, clip, step) and its checkpoints (model.safetensors, optimizer.safetensors) would
   all change with the sharding. Here they do not: `target.sharding` changes only the target.

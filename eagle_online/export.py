@@ -1,4 +1,4 @@
-"""EAGLE-3 checkpoints in the layout SGLang and vLLM serve, and loading such checkpoints back (DESIGN §5).
+"""EAGLE-3 checkpoints in the layout SGLang and vLLM serve, and loading such checkpoints back.
 
 An export is a directory with `config.json` (the head's LlamaConfig) and `model.safetensors` holding the
 serving names exactly: both engines skip names they do not know without a word, and a skipped tensor
@@ -158,7 +158,7 @@ def check_aux_layer_ids(aux_layer_ids, target_num_layers: int) -> list[int]:
 
 
 def serving_config(config, aux_layer_ids, target_num_layers: int, dtype: torch.dtype) -> dict:
-    """The config.json dict both engines read (DESIGN §5), including the layer-id trap:
+    """The config.json dict both engines read, including the layer-id trap:
 
     with the default ids no id is written anywhere (both engines' defaults agree); with other ids the
     top-level field gets them as given (vLLM) and `eagle_config` gets them minus one (SGLang adds one),

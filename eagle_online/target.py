@@ -22,7 +22,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def default_aux_layer_ids(num_layers: int) -> list[int]:
-    """EAGLE-3's default feature layers [2, N//2, N-3] (both engines' defaults, DESIGN §5)."""
+    """EAGLE-3's default feature layers [2, N//2, N-3] (both engines' defaults)."""
     return [2, num_layers // 2, num_layers - 3]
 
 
@@ -222,7 +222,7 @@ class FrozenTarget(nn.Module):
 
 
 def load_target_model(cfg: TargetConfig, device: torch.device, move: bool = True) -> nn.Module:
-    """Load the target's HF model, frozen, with the KV cache off (packing is ignored with it on, DESIGN §9).
+    """Load the target's HF model, frozen, with the KV cache off (packing is ignored with it on).
     `device` decides the `auto` dtype and attention; `move=False` leaves the model where loading put it
     (ZeRO-3 partitions are already on this rank's device)."""
     from transformers import AutoConfig, AutoModelForCausalLM

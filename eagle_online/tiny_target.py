@@ -4,7 +4,7 @@ Acceptance numbers mean something only when the target's predictions do. A rando
 is fine for speed work; for tests and the demo we build this one once (deterministically) and ship
 it in `eagle_online/assets/tiny_chat`. `launch/build_tiny_target.py` reproduces it.
 
-What makes a few-million-parameter model learn on 2 CPU cores in minutes (measured, DESIGN §10):
+What makes a few-million-parameter model learn on 2 CPU cores in minutes (measured):
 Muon for the weight matrices, Adam for the rest, N(0, 1) embeddings and a zero-initialised output
 head, and `torch.set_flush_denormal(True)` (denormal floats otherwise halve CPU speed).
 """

@@ -171,7 +171,7 @@ def test_ttt_loss_is_decayed_sum_and_masks_apply():
 
 def _plain_unroll(head, aux_hidden, input_ids, position_ids, loss_mask, teacher_logits, teacher_in_draft,
                   ttt_length, loss_decay):
-    """The TTT unroll written plainly from DESIGN §2: every step's attention is one dense masked
+    """The TTT unroll written plainly from the EAGLE-3 paper: every step's attention is one dense masked
     softmax over the keys of all steps so far, and every step materialises its logits and the
     teacher's probabilities. Returns (loss, per-step losses)."""
     layer, attn = head.midlayer, head.midlayer.self_attn
@@ -264,7 +264,7 @@ def test_target_capture_matches_hidden_states(tiny_llama):
 
 
 def test_target_packed_rows_do_not_attend_across_conversations(tiny_llama):
-    """DESIGN §9: with position_ids restarting, the packed forward equals separate forwards."""
+    """Packing: with position_ids restarting, the packed forward equals separate forwards."""
     target = FrozenTarget(tiny_llama, [1, 3, 6], torch.arange(10))
     a, b = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 5))
     packed = target(torch.cat([a, b], 1), _packed_positions([7, 5]))

@@ -230,7 +230,7 @@ def run(args) -> dict:
     from eagle_online.target import resolve_dtype
     from eagle_online.trainer import Trainer
 
-    torch.set_flush_denormal(True)  # trained CPU models otherwise run ~2x slower (DESIGN §10)
+    torch.set_flush_denormal(True)  # trained CPU models otherwise run ~2x slower
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         raise ValueError("--steps and --repeats must be >= 1, --warmup >= 0")
     repeats = args.repeats

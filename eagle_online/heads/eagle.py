@@ -1,4 +1,4 @@
-"""The EAGLE-1/2 draft head (DESIGN §3): feature regression through the target's frozen lm_head.
+"""The EAGLE-1/2 draft head: feature regression through the target's frozen lm_head.
 
     f_t = the target's final post-norm hidden state at t (what its lm_head reads)
     pred_t = layer(fc(cat(embed(x_{t+1}), f_t)))      one Llama decoder layer *without* input_layernorm

@@ -1,4 +1,4 @@
-"""The EAGLE-3 draft head and its training-time-test (TTT) unroll (DESIGN §2).
+"""The EAGLE-3 draft head and its training-time-test (TTT) unroll.
 
 Tensor names follow the layout SGLang and vLLM load (`fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`,
 `t2d`), so export is a filter over `state_dict()`, not a rename table.

@@ -1,4 +1,4 @@
-"""The beginner's MLP draft (DESIGN §4), kept as a baseline.
+"""The beginner's MLP draft, kept as a baseline.
 
     logits_t = lm_head(blocks(embed(x_{t+1})))       blocks: N × (Linear H→H, ReLU, LayerNorm)
 
