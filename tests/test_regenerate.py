@@ -231,3 +231,21 @@ def test_failed_run_leaves_no_empty_part_file(tmp_path, tiny, monkeypatch):
     with pytest.raises(RuntimeError, match="generation failed"):
         regenerate(recipe, tokenizer=tokenizer, generator=Broken(), log=lambda _: 0)
     assert not (tmp_path / "run").exists()
+
+
+def test_max_turns_answers_the_first_turns_and_cuts_the_rest(tmp_path, tiny):
+    tokenizer, generator = tiny
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    everything = regenerate(_recipe(data, tmp_path / "all"), tokenizer=tokenizer, generator=generator,
+                            log=lambda _: 0)
+    first = regenerate(_recipe(data, tmp_path / "one", "regenerate.max_turns=1"), tokenizer=tokenizer,
+                       generator=generator, log=lambda _: 0)
+    assert first.written == everything.written == len(USABLE)
+    assert (everything.replies, first.replies) == (5, 4)  # row "a" has two assistant turns
+    full, cut = _rows(everything.files[0]), _rows(first.files[0])
+    two_turns = next(r for r in cut if r["id"] == "a")["conversations"]
+    assert [m["from"] for m in two_turns] == ["human", "gpt"]  # cut after the first reply
+    # Greedy: the first reply is the same one whether or not later turns are answered.
+    assert two_turns == next(r for r in full if r["id"] == "a")["conversations"][:2]
+    assert [r for r in cut if r["id"] != "a"] == [r for r in full if r["id"] != "a"]

@@ -258,7 +258,9 @@ def regenerate(
                 if generator is None:
                     generator = load_generator(recipe, tokenizer, renderer)
                 torch.manual_seed(cfg.seed * 1_000_003 + shard * 1009 + result.written + len(done))
-                conversations = _answer(batch, renderer, tokenizer, generator, max_prompt, result, skipped)
+                conversations = _answer(
+                    batch, renderer, tokenizer, generator, max_prompt, cfg.max_turns, result, skipped
+                )
                 for (row, record, _), messages in zip(batch, conversations):
                     if messages is None:
                         continue
@@ -281,11 +283,15 @@ def regenerate(
     return result
 
 
-def _answer(batch, renderer, tokenizer, generator, max_prompt: int, result: RegenerateResult, skipped: Counter):
-    """The batch's conversations with every assistant turn replaced by the target's reply, turn by turn
-    in lockstep; None for a conversation whose first prompt is already too long."""
+def _answer(batch, renderer, tokenizer, generator, max_prompt: int, max_turns: int | None,
+            result: RegenerateResult, skipped: Counter):
+    """The batch's conversations with every assistant turn (the first `max_turns` when set, the
+    conversation cut after them) replaced by the target's reply, turn by turn in lockstep; None for a
+    conversation whose first prompt is already too long."""
     conversations = [[{"role": m["role"], "content": m["content"]} for m in messages] for _, _, messages in batch]
-    turns = [[i for i, m in enumerate(c) if m["role"] == "assistant"] for c in conversations]
+    turns = [[i for i, m in enumerate(c) if m["role"] == "assistant"][:max_turns] for c in conversations]
+    if max_turns is not None:
+        conversations = [c[: t[-1] + 1] for c, t in zip(conversations, turns)]
     ended = [False] * len(batch)
     for step in range(max(len(t) for t in turns)):
         active, prompts = [], []
