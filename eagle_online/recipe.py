@@ -160,14 +160,26 @@ class EvalConfig(_Section):
         True, description="with eval.every set: before the first step, measure τ of the untrained head and of a "
         "bigram draft counted from the training data, on the same prompts and settings, as floors the trained "
         "draft's τ is read against (logged at step 0 as eval_tau_untrained and eval_tau_bigram)")
+    final_temperatures: list[float] = Field(
+        default_factory=list, description="with eval.every set, more temperatures for the end of the run: after "
+        "the last step the "
+        "draft's τ is measured at each of them too (eval_tau_T<t>), and so are the floors before the first step "
+        "(eval_tau_untrained_T<t>, eval_tau_bigram_T<t>); the summary and the export's card show them as a table")
+
+    @field_validator("final_temperatures")
+    @classmethod
+    def _temperatures_not_negative(cls, value: list[float]) -> list[float]:
+        if any(t < 0 for t in value):
+            raise ValueError(f"temperatures are 0 (greedy) or more, got {value}")
+        return value
 
 
 class DataSource(_Section):
     """One source of conversations."""
 
     path: str = Field(
-        description="a local .json/.jsonl/.parquet file, a directory of them (e.g. regenerate's output), "
-        "a datasets hub name, or builtin:sharegpt"
+        description="a local .json/.jsonl/.jsonl.gz/.parquet file, a directory of them (e.g. regenerate's output), "
+        "a datasets hub name, builtin:sharegpt or builtin:smollm2-replies (SmolLM2's own replies)"
     )
     split: str = "train"
     streaming: bool = Field(False, description="hub datasets: read as a stream instead of downloading it whole")
@@ -213,6 +225,10 @@ class RegenerateConfig(_Section):
     temperature: float = Field(0.0, ge=0, description="0: greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(16, gt=0, description="conversations generated together (HF backend)")
+    max_turns: int | None = Field(
+        default=None, gt=0, description="answer only the first N assistant turns and cut each conversation after "
+        "them (1: single-turn data, the cheapest); default every turn"
+    )
     max_prompt_tokens: int | None = Field(
         default=None, gt=0, description="stop a conversation at a longer prompt; default data.max_length"
     )

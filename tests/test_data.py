@@ -152,6 +152,38 @@ def test_sharegpt_and_messages_formats_agree(tmp_path):
         assert list(iter_conversations(DataSource(path=str(f)))) == CONVERSATIONS, f.name
 
 
+def test_gzipped_jsonl_reads_like_jsonl_and_names_the_line(tmp_path):
+    import gzip
+
+    records = [{"messages": c} for c in CONVERSATIONS]
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+    assert list(iter_conversations(DataSource(path=str(path)))) == CONVERSATIONS
+    folder = tmp_path / "folder"  # a directory source picks .jsonl.gz files too
+    folder.mkdir()
+    path.rename(folder / "d.jsonl.gz")
+    assert list(iter_conversations(DataSource(path=str(folder)))) == CONVERSATIONS
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress((json.dumps(records[0]) + "\n{oops\n").encode()))
+    with pytest.raises(DataError, match=rf"{broken}:2: not valid JSON"):
+        list(iter_conversations(DataSource(path=str(broken))))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(((json.dumps(records[0]) + "\n") * 50).encode())[:-30])
+    with pytest.raises(DataError, match=rf"{cut}: cannot be read"):
+        list(iter_conversations(DataSource(path=str(cut))))
+
+
+def test_builtin_smollm2_replies_are_first_turns_of_rows_before_the_eval_prompts():
+    from eagle_online.data.sources import iter_conversation_records
+
+    rows = list(iter_conversation_records(DataSource(path="builtin:smollm2-replies")))
+    assert len(rows) > 1500
+    for _, record, messages in rows:
+        assert [m["role"] for m in messages if m["role"] != "system"] == ["user", "assistant"]
+        assert messages[-1]["content"].strip()
+        assert record["eagle_online_row"] < 2000  # eval prompts start at ShareGPT row 5000
+
+
 def test_skip_and_max_rows(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", [{"messages": c} for c in CONVERSATIONS])
     got = list(iter_conversations(DataSource(path=str(path), skip_rows=1, max_rows=1)))

@@ -238,7 +238,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--curve-every", type=int, metavar="N",
                         help="measure greedy τ during training every N tokens (N < tokens-per-batch: every N "
                         "steps) for the learning curves; default: none, τ at the end only")
-    parser.add_argument("--rows", type=int, help="ShareGPT rows trained on (default: tiny 1000, smollm2 2000)")
+    parser.add_argument("--rows", type=int, help="records of the recipe's data source trained on (default: tiny "
+                        "1000 ShareGPT rows, smollm2 2000: all of builtin:smollm2-replies)")
     parser.add_argument("--tokens-per-batch", type=int,
                         help="packed tokens per step (default: tiny 4096, smollm2 2048)")
     parser.add_argument("--max-length", type=int, help="tokens per conversation, longer ones cut (default: tiny "

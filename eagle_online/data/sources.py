@@ -7,6 +7,7 @@ skipped and counted by reason, because public chat data always has a few of thos
 """
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 from collections import Counter
@@ -18,7 +19,12 @@ from eagle_online.errors import UserError
 from eagle_online.recipe import DataSource
 
 BUILTIN_SHAREGPT = "builtin:sharegpt"
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+# SmolLM2-135M-Instruct's own replies to ShareGPT's first user turns (rows 0-1999), shipped with the
+# package; how they were made is in docs/smollm2_replies.md.
+BUILTIN_FILES = {
+    "builtin:smollm2-replies": Path(__file__).resolve().parent.parent / "assets" / "smollm2_replies.jsonl.gz",
+}
+LOCAL_SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".parquet")
 
 
 class DataError(UserError, ValueError):
@@ -98,8 +104,10 @@ def iter_records(source: DataSource) -> Iterator[tuple[str, object]]:
         from eagle_online.data.sharegpt_package import iter_sharegpt_package
 
         records = ((f"{path} record {i}", r) for i, r in enumerate(iter_sharegpt_package()))
+    elif path in BUILTIN_FILES:
+        records = _iter_jsonl(BUILTIN_FILES[path])
     elif path.startswith("builtin:"):
-        raise DataError(f"no built-in data source {path!r} (built-in: {BUILTIN_SHAREGPT})")
+        raise DataError(f"no built-in data source {path!r} (built-in: {', '.join([BUILTIN_SHAREGPT, *BUILTIN_FILES])})")
     elif path.endswith(LOCAL_SUFFIXES) or Path(path).is_file():
         records = _iter_local(Path(path))
     elif Path(path).is_dir():
@@ -110,7 +118,7 @@ def iter_records(source: DataSource) -> Iterator[tuple[str, object]]:
 
 
 def _iter_local_dir(path: Path) -> Iterator[tuple[str, object]]:
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(LOCAL_SUFFIXES))
     if not files:
         raise DataError(f"{path}: a directory source holds no {'/'.join(LOCAL_SUFFIXES)} files")
     for file in files:
@@ -122,6 +130,9 @@ def _iter_local(path: Path) -> Iterator[tuple[str, object]]:
         raise DataError(f"{path}: no such file")
     if path.suffix == ".parquet":
         yield from _iter_parquet(path)
+        return
+    if path.name.endswith(".jsonl.gz"):
+        yield from _iter_jsonl(path)
         return
     if path.suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: unknown file type (expected one of {LOCAL_SUFFIXES})")
@@ -150,7 +161,7 @@ def _utf8(path: Path, raw: bytes, lineno: int = 1) -> str:
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, object]]:
     try:
-        with path.open("rb") as f:
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")) as f:
             for lineno, raw in enumerate(f, start=1):
                 line = _utf8(path, raw, lineno)
                 if not line.strip():
@@ -160,7 +171,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, object]]:
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
                 yield f"{path}:{lineno}", record
-    except OSError as e:
+    except (OSError, EOFError) as e:  # gzip: a truncated or damaged file
         raise DataError(f"{path}: cannot be read: {e}") from None
 
 
