@@ -626,6 +626,7 @@ def card_metadata(run_dir, checkpoint: str, why: str, out: Path, config) -> dict
             "at_checkpoint": next((r["eval_tau"] for r in rows if r.get("step") == step and "eval_tau" in r), None),
             "last": tau["last"], "best": tau["best"],
             "untrained": tau.get("untrained"), "bigram": tau.get("bigram"),
+            "at_temperatures": tau.get("at_temperatures"),
             "temperature": ev.get("temperature"), "num_draft_tokens": ev.get("num_draft_tokens"),
             "prompts": ev.get("prompts"),
         },
@@ -699,6 +700,9 @@ def card_text(meta: dict) -> str:
                      f"{r.get('tokens_per_batch')} tokens per micro-batch × {r.get('gradient_accumulation_steps')} "
                      f"accumulation, max length {r.get('max_length')} |")
     lines.append(f"| exported | {meta['exported_at']} |")
+    table = tau_table(meta["tau"])
+    if table:
+        lines += ["", "τ at the last evaluation beside its floors, on the same prompts:", "", "```", *table, "```"]
     lines += ["", "## Serving", ""]
     if meta["serve"]:
         for engine, label in (("vllm", "vLLM"), ("sglang", "SGLang")):
@@ -733,6 +737,30 @@ def tau_line(tau: dict) -> str:
         text += "; floors: " + ", ".join(floors)
     settings = [s for s in settings if s]
     return text + (f" ({', '.join(settings)})" if settings and last is not None else "")
+
+
+def tau_table(tau: dict) -> list[str]:
+    """With eval.final_temperatures: τ of the draft at the last evaluation beside its floors, one column
+    per temperature, and whether the draft beats both floors at each; [] without them."""
+    extra = tau.get("at_temperatures") or {}
+    last = tau.get("last")
+    if not extra or last is None or tau.get("temperature") is None:
+        return []
+    columns = {f"T{tau['temperature']:g}": {"draft": last["tau"], "untrained": tau.get("untrained"),
+                                            "bigram": tau.get("bigram")}}
+    columns.update((t, v) for t, v in extra.items() if t not in columns)
+    lines = ["".ljust(12) + "".join(f"{'T=' + t[1:]:>9}" for t in columns)]
+    for who in ("draft", "bigram", "untrained"):
+        cells = [columns[t].get(who) for t in columns]
+        lines.append(f"{who:<12}" + "".join(f"{'-' if v is None else format(v, '.3f'):>9}" for v in cells))
+    losses = [f"the {who} at T={t[1:]} ({c[who]:.3f} ≥ {c['draft']:.3f})" for t, c in columns.items()
+              for who in ("bigram", "untrained") if c.get(who) is not None and c.get("draft") is not None
+              and c[who] >= c["draft"]]
+    measured = all(c.get("draft") is not None for c in columns.values())
+    lines.append("the draft does not beat " + ", ".join(losses) if losses else
+                 "the draft beats both floors at every temperature" if measured else
+                 "the draft was not measured at every temperature (the run stopped before its last step)")
+    return lines
 
 
 def export_run(run_dir, checkpoint: str | None = None, out=None, why: str | None = None) -> Path:

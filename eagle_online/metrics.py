@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 from accelerate.tracking import GeneralTracker, on_main_process
@@ -111,4 +112,20 @@ def tau_figures(rows: list[dict]) -> dict:
         for floor in ("untrained", "bigram"):
             if f"eval_tau_{floor}" in r:
                 out[floor] = r[f"eval_tau_{floor}"]
+    at = {}  # eval.final_temperatures: {"T0": {"draft", "untrained", "bigram"}}, the last value of each
+    for r in rows:
+        for key, value in r.items():
+            match = _AT_TEMPERATURE.fullmatch(key)
+            if match:
+                at.setdefault(match["t"], {})[match["who"] or "draft"] = value
+    if at:
+        out["at_temperatures"] = at
     return out
+
+
+_AT_TEMPERATURE = re.compile(r"eval_tau_(?:(?P<who>untrained|bigram)_)?(?P<t>T[0-9.]+)")
+
+
+def temperature_key(temperature: float) -> str:
+    """How a temperature is written in metric names: `T0`, `T1`, `T0.7`."""
+    return f"T{temperature:g}"

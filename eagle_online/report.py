@@ -169,7 +169,7 @@ def format_summary(*, run_dir, name: str, steps: int, total_steps: int, start_st
                    curves: Path | None) -> str:
     """The summary at the end of a run. `final`: the last step's metrics; `tau`: export.tau_line's figures
     (last, best, floors, settings); `export`: {"path", "checkpoint", "why", "serve"} or {"skipped": reason}."""
-    from eagle_online.export import tau_line
+    from eagle_online.export import tau_line, tau_table
 
     accs = [final[f"acc_{k}"] for k in range(len(final)) if f"acc_{k}" in final]
     rate = tokens / train_wall if train_wall > 0 else 0.0
@@ -185,6 +185,7 @@ def format_summary(*, run_dir, name: str, steps: int, total_steps: int, start_st
         lines.append(f"  final       loss {loss:.4f}, τ̂ {tau_hat:.3f}; acc per TTT step "
                      + " ".join(f"{a:.3f}" for a in accs))
     lines.append(f"  τ           {tau_line(tau)}")
+    lines += ["              " + row for row in tau_table(tau)]
     if export is None or "skipped" in (export or {}):
         why = (export or {}).get("skipped", "training.export_at_end=false")
         lines.append(f"  export      not written ({why}): python launch/export.py --run {run_dir}")

@@ -66,7 +66,7 @@ from eagle_online.export import (
 from eagle_online.heads import EAGLE3, architecture_of, build_head, configure_training, draft_config, drafter_for
 from eagle_online.heads.eagle3 import Eagle3Head
 from eagle_online.losses import expected_acceptance_length
-from eagle_online.metrics import installed, log_metrics, read_metrics, tau_figures, truncate_metrics
+from eagle_online.metrics import installed, log_metrics, read_metrics, tau_figures, temperature_key, truncate_metrics
 from eagle_online.recipe import Recipe, RecipeError, resolve_asset, resolve_target
 from eagle_online.report import (
     Setup,
@@ -588,6 +588,8 @@ class Trainer:
             if evaluated:
                 t0 = time.perf_counter()
                 last.update(self._reduce(self.evaluate_tau()))  # one value on every rank, whatever the numerics
+                if self.step == self.total_steps:
+                    last.update(self._reduce(self._final_taus()))
                 window_start += time.perf_counter() - t0  # tokens/s counts training time only
             logged = self.step % self.recipe.training.log_every == 0 or self.step == self.total_steps
             if evaluated or logged:
@@ -666,13 +668,30 @@ class Trainer:
         out.update({f"eval_accept_{j}": a for j, a in enumerate(result.acceptance)})
         return out
 
-    def _tau_of(self, drafter):
-        """τ of any drafter on the recipe's eval prompts and settings (the same for the head and the floors)."""
+    def _final_taus(self) -> dict[str, float]:
+        """After the last step: τ of the head at each of eval.final_temperatures other than eval.temperature
+        (`eval_tau_T<t>`), for the summary's table beside the floors at the same temperatures."""
+        head = self.unwrapped_head()
+        was_training = head.training
+        try:
+            return {f"eval_tau_{temperature_key(t)}": self._tau_of(drafter_for(head), t).tau
+                    for t in self._extra_temperatures()}
+        finally:
+            head.train(was_training)
+
+    def _extra_temperatures(self) -> list[float]:
+        e = self.recipe.eval
+        return [t for t in dict.fromkeys(e.final_temperatures) if t != e.temperature]
+
+    def _tau_of(self, drafter, temperature: float | None = None):
+        """τ of any drafter on the recipe's eval prompts and settings (the same for the head and the floors),
+        at eval.temperature unless another is given."""
         e = self.recipe.eval
         if not hasattr(self, "_eval_prompts"):
             self._eval_prompts = load_prompts(e.prompts, limit=e.num_prompts, skip=e.skip_prompts)
         return evaluate(self.target, self.tokenizer, drafter, self._eval_prompts, num_draft_tokens=e.num_draft_tokens,
-                        max_new_tokens=e.max_new_tokens, temperature=e.temperature, seed=self.recipe.run.seed)
+                        max_new_tokens=e.max_new_tokens,
+                        temperature=e.temperature if temperature is None else temperature, seed=self.recipe.run.seed)
 
     def _measure_floors(self) -> None:
         """Before the first step (eval.every and eval.floors set): τ of the head as initialised (untrained,
@@ -683,13 +702,17 @@ class Trainer:
         if e.every is None or not e.floors or self.tokenizer is None:
             return
         head = self.unwrapped_head()
+        bigram = BigramDrafter.from_examples(self.data.examples, self.vocab_size)
+        taus = {}
         was_training = head.training
         try:
-            untrained = self._tau_of(drafter_for(head)).tau
+            for t in [None, *self._extra_temperatures()]:  # eval.temperature, then eval.final_temperatures'
+                suffix = "" if t is None else "_" + temperature_key(t)
+                taus[f"eval_tau_untrained{suffix}"] = self._tau_of(drafter_for(head), t).tau
+                taus[f"eval_tau_bigram{suffix}"] = self._tau_of(bigram, t).tau
         finally:
             head.train(was_training)
-        bigram = self._tau_of(BigramDrafter.from_examples(self.data.examples, self.vocab_size)).tau
-        floors = self._reduce({"eval_tau_untrained": untrained, "eval_tau_bigram": bigram})
+        floors = self._reduce(taus)
         self.floors = {"untrained": floors["eval_tau_untrained"], "bigram": floors["eval_tau_bigram"]}
         log_metrics(self.accelerator, {**floors, "eval_prompts": len(self._eval_prompts)}, step=0)
         if self.accelerator.is_main_process:

@@ -88,6 +88,14 @@ def test_summary_and_export_card(run):
     assert f"vllm serve {target} --speculative-config" in summary and f'"model": "{export}"' in summary
     assert f"--model-path {target} --speculative-algorithm EAGLE3 --speculative-draft-model-path {export}" in summary
     assert f"curves {out / 'curves.svg'}" in summary
+    # The recipe's eval.final_temperatures [0, 1]: both columns, each value from metrics.jsonl, and a verdict.
+    at = tau["at_temperatures"]["T0"]
+    assert set(at) == {"draft", "untrained", "bigram"}
+    table = summary[summary.index("T=1      T=0"):].splitlines()
+    assert table[1].split() == ["draft", f"{tau['last']['tau']:.3f}", f"{at['draft']:.3f}"]
+    assert table[2].split() == ["bigram", f"{tau['bigram']:.3f}", f"{at['bigram']:.3f}"]
+    assert table[3].split() == ["untrained", f"{tau['untrained']:.3f}", f"{at['untrained']:.3f}"]
+    assert "the draft beats both floors" in table[4] or "the draft does not beat the" in table[4]
 
     meta = json.loads((export / "eagle_online.json").read_text())
     assert meta["architecture"] == "LlamaForCausalLMEagle3" and meta["target"]["model"] == "builtin:tiny_chat"
@@ -268,3 +276,26 @@ def test_bench_quality_help_is_user_help():
     assert proc.returncode == 0
     assert "--steps" in proc.stdout and "tokens drafted per target forward" in proc.stdout
     assert "Why EAGLE-3 does not win" not in proc.stdout and "acc_0   loss_0" not in proc.stdout
+
+
+def test_tau_table_names_the_floors_a_draft_does_not_beat():
+    from eagle_online.export import tau_table
+
+    tau = {"temperature": 1.0, "last": {"step": 9, "tau": 1.9, "prompts": 4}, "untrained": 1.1, "bigram": 1.7,
+           "at_temperatures": {"T0": {"untrained": 1.0, "bigram": 1.6, "draft": 1.5}}}
+    lines = tau_table(tau)
+    assert lines[0].split() == ["T=1", "T=0"] and lines[1].split() == ["draft", "1.900", "1.500"]
+    assert lines[-1] == "the draft does not beat the bigram at T=0 (1.600 ≥ 1.500)"
+    tau["at_temperatures"]["T0"]["draft"] = 1.65
+    assert tau_table(tau)[-1] == "the draft beats both floors at every temperature"
+    del tau["at_temperatures"]["T0"]["draft"]  # stopped before the last step: T=0 floors only
+    assert tau_table(tau)[1].split() == ["draft", "1.900", "-"] and "not measured" in tau_table(tau)[-1]
+    assert tau_table({**tau, "at_temperatures": None}) == []
+
+
+def test_final_temperatures_are_not_negative():
+    from eagle_online.recipe import load_recipe
+
+    assert load_recipe("tiny_eagle3", ["eval.final_temperatures=[0, 0.7]"]).eval.final_temperatures == [0.0, 0.7]
+    with pytest.raises(RecipeError, match="final_temperatures"):
+        load_recipe("tiny_eagle3", ["eval.final_temperatures=[-1]"])
