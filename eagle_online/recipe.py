@@ -332,8 +332,9 @@ def resolve_asset(name_or_path: str) -> str:
         if name in BUILTIN_GGUF:
             return str(resolve_builtin(name))
         path = ASSETS_DIR / name
-        if not name or not path.exists():
-            known = sorted([q.name for q in ASSETS_DIR.iterdir() if not q.name.startswith(".")] + list(BUILTIN_GGUF))
+        if not name or not path.is_dir():  # a model folder: the data files beside them are not targets
+            known = sorted([q.name for q in ASSETS_DIR.iterdir() if q.is_dir() and not q.name.startswith(".")]
+                           + list(BUILTIN_GGUF))
             raise RecipeError(f"no built-in asset {name_or_path!r} (built-in: {known})")
         return str(path)
     return name_or_path

@@ -63,3 +63,13 @@ def test_overrides_apply_and_revalidate():
 def test_unknown_recipe_name_lists_known():
     with pytest.raises(RecipeError, match="tiny_eagle3"):
         load_recipe("no_such_recipe")
+
+
+def test_builtin_assets_are_model_folders_only():
+    from eagle_online.recipe import ASSETS_DIR, resolve_asset
+
+    assert resolve_asset("builtin:tiny_chat") == str(ASSETS_DIR / "tiny_chat")
+    assert (ASSETS_DIR / "smollm2_replies.jsonl.gz").is_file()  # data shipped beside the models is no target
+    with pytest.raises(RecipeError, match=r"no built-in asset 'builtin:smollm2_replies.jsonl.gz' .*tiny_chat") as e:
+        resolve_asset("builtin:smollm2_replies.jsonl.gz")
+    assert "jsonl" not in str(e.value).split("built-in:")[-1]
