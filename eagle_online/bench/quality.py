@@ -127,6 +127,7 @@ def run_quality(args, log=print) -> dict:
                          f"training.checkpoint_every={args.steps}", f"run.seed={args.seed}"]
             if args.curve_every_steps:  # the trainer's own evaluation, on the bench's prompts and settings
                 overrides += [f"eval.every={args.curve_every_steps}", "eval.prompts=builtin:sharegpt",
+                              "eval.final_temperatures=[]",  # the bench measures both ends itself, every head alike
                               f"eval.skip_prompts={args.prompt_skip}", f"eval.num_prompts={args.prompts}",
                               f"eval.max_new_tokens={args.max_new_tokens}",
                               f"eval.num_draft_tokens={args.num_draft_tokens}", "eval.temperature=0.0"]
