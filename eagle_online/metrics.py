@@ -108,12 +108,11 @@ def tau_figures(rows: list[dict]) -> dict:
         pick = lambda r: {"step": r["step"], "tau": r["eval_tau"], "prompts": int(r.get("eval_prompts", 0))}
         out["last"] = pick(evals[-1])
         out["best"] = pick(max(evals, key=lambda r: r["eval_tau"]))
+    at = {}  # eval.final_temperatures: {"T0": {"draft", "untrained", "bigram"}}, the last value of each
     for r in rows:
         for floor in ("untrained", "bigram"):
             if f"eval_tau_{floor}" in r:
                 out[floor] = r[f"eval_tau_{floor}"]
-    at = {}  # eval.final_temperatures: {"T0": {"draft", "untrained", "bigram"}}, the last value of each
-    for r in rows:
         for key, value in r.items():
             match = _AT_TEMPERATURE.fullmatch(key)
             if match:
@@ -123,7 +122,7 @@ def tau_figures(rows: list[dict]) -> dict:
     return out
 
 
-_AT_TEMPERATURE = re.compile(r"eval_tau_(?:(?P<who>untrained|bigram)_)?(?P<t>T[0-9.]+)")
+_AT_TEMPERATURE = re.compile(r"eval_tau_(?:(?P<who>untrained|bigram)_)?(?P<t>T\S+)")  # temperature_key's names
 
 
 def temperature_key(temperature: float) -> str:

@@ -658,12 +658,7 @@ class Trainer:
         """τ of the head as it is now, by speculative decoding of the recipe's held-out prompts (section
         `eval`); metrics `eval_tau` and `eval_accept_j` per draft position. Every rank runs the same
         prompts with the same seed (a ZeRO-3 target needs every rank in each forward)."""
-        head = self.unwrapped_head()
-        was_training = head.training
-        try:
-            result = self._tau_of(drafter_for(head))
-        finally:
-            head.train(was_training)
+        result = self._head_tau()
         out = {"eval_tau": result.tau, "eval_prompts": len(self._eval_prompts)}
         out.update({f"eval_accept_{j}": a for j, a in enumerate(result.acceptance)})
         return out
@@ -671,11 +666,14 @@ class Trainer:
     def _final_taus(self) -> dict[str, float]:
         """After the last step: τ of the head at each of eval.final_temperatures other than eval.temperature
         (`eval_tau_T<t>`), for the summary's table beside the floors at the same temperatures."""
+        return {f"eval_tau_{temperature_key(t)}": self._head_tau(t).tau for t in self._extra_temperatures()}
+
+    def _head_tau(self, temperature: float | None = None):
+        """`_tau_of` the head as it is now; the head's train/eval mode is left as it was."""
         head = self.unwrapped_head()
         was_training = head.training
         try:
-            return {f"eval_tau_{temperature_key(t)}": self._tau_of(drafter_for(head), t).tau
-                    for t in self._extra_temperatures()}
+            return self._tau_of(drafter_for(head), temperature)
         finally:
             head.train(was_training)
 
@@ -701,17 +699,12 @@ class Trainer:
         e = self.recipe.eval
         if e.every is None or not e.floors or self.tokenizer is None:
             return
-        head = self.unwrapped_head()
         bigram = BigramDrafter.from_examples(self.data.examples, self.vocab_size)
         taus = {}
-        was_training = head.training
-        try:
-            for t in [None, *self._extra_temperatures()]:  # eval.temperature, then eval.final_temperatures'
-                suffix = "" if t is None else "_" + temperature_key(t)
-                taus[f"eval_tau_untrained{suffix}"] = self._tau_of(drafter_for(head), t).tau
-                taus[f"eval_tau_bigram{suffix}"] = self._tau_of(bigram, t).tau
-        finally:
-            head.train(was_training)
+        for t in [None, *self._extra_temperatures()]:  # eval.temperature, then eval.final_temperatures'
+            suffix = "" if t is None else "_" + temperature_key(t)
+            taus[f"eval_tau_untrained{suffix}"] = self._head_tau(t).tau
+            taus[f"eval_tau_bigram{suffix}"] = self._tau_of(bigram, t).tau
         floors = self._reduce(taus)
         self.floors = {"untrained": floors["eval_tau_untrained"], "bigram": floors["eval_tau_bigram"]}
         log_metrics(self.accelerator, {**floors, "eval_prompts": len(self._eval_prompts)}, step=0)
