@@ -30,14 +30,13 @@ The order, as `Trainer.setup` applies it:
   2. `dist.load_target(cfg)`: the target, partitioned from the start, then its gather hooks;
   3. `gathered_copy` / `full_params`: whole parameters where the head is built from the target's
      (embedding, draft-vocab lm_head rows). These are collectives: every rank makes the same calls;
-  4. `dist.prepare_head(head, optimizer)`: DDP;
+  4. `dist.parallelize_head(head, param_groups=..., lr=...)`: the optimizer (ZeRO-1 sharded or not) and DDP;
   5. `dist.close()`: a barrier, then the process group is destroyed (without the barrier rank 0 was
      seen to abort in ~1 run of 6);
   6. `exit_process(code)` from the entry point: leaves without interpreter finalization (see there).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -54,73 +53,13 @@ from torch import nn
 from eagle_online.errors import UserError
 from eagle_online.metrics import trackers
 from eagle_online.recipe import Recipe, TargetConfig
+from eagle_online.target import load_target_model, resolve_dtype
 
 _closed_a_group = False  # set by Distributed.close: exit_process then skips interpreter finalization
 
 
 class DistributedError(UserError, RuntimeError):
     """A launch that cannot run as asked (wrong launcher config, world size vs. partition size)."""
-
-
-def is_partitioned(param: torch.Tensor) -> bool:
-    """Whether ZeRO-3 partitions this parameter (its `.data` is then an empty placeholder)."""
-    return hasattr(param, "ds_id")
-
-
-def full_shape(param: torch.Tensor) -> torch.Size:
-    """A parameter's whole shape, partitioned or not."""
-    return param.ds_shape if is_partitioned(param) else param.shape
-
-
-@contextlib.contextmanager
-def full_params(*params: torch.Tensor):
-    """Inside the block, the given parameters are whole on every rank (gathered under ZeRO-3 and
-    partitioned again after; read-only). A collective when any is partitioned: every rank must enter."""
-    # Frozen parameters only, so nothing is written back. Gathered the way the forward hooks gather
-    # (all_gather_coalesced), which reads the node-local secondary partition under hpZ, where
-    # GatheredParameters would gather across all ranks. Persistent parameters are already whole.
-    todo = sorted({id(p): p for p in params if is_partitioned(p)}.values(), key=lambda p: p.ds_id)
-    if todo:
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        todo = [p for p in todo if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-    if not todo:
-        yield
-        return
-    todo[0].all_gather_coalesced(todo).wait()
-    try:
-        yield
-    finally:
-        todo[0].partition(param_list=todo)
-
-
-def gathered_copy(param: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
-    """A whole copy of a parameter on `device` (a collective under ZeRO-3: every rank calls it)."""
-    with full_params(param):
-        return param.detach().to(device, copy=True)
-
-
-@dataclass
-class ParamCounts:
-    """How many of a model's parameter elements this rank stores, of how many in all."""
-
-    local: int  # this rank's ZeRO-3 partitions (or every element, unsharded)
-    secondary: int  # its hpZ node-local partitions (0 without hpZ)
-    total: int
-
-
-def parameter_counts(model: nn.Module) -> ParamCounts:
-    """Elements this rank holds (its ZeRO-3 partitions, or everything) and the model's total."""
-    local = secondary = total = 0
-    for p in model.parameters():
-        if is_partitioned(p):
-            local += p.ds_tensor.numel()
-            secondary += p.ds_secondary_tensor.numel() if p.ds_secondary_tensor is not None else 0
-            total += p.ds_numel
-        else:
-            local += p.numel()
-            total += p.numel()
-    return ParamCounts(local=local, secondary=secondary, total=total)
 
 
 def zero3_config(cfg: TargetConfig, dtype: torch.dtype, world: int) -> dict:
@@ -194,7 +133,7 @@ class Distributed:
     sharding: str
     optimizer_sharding: str = "none"
     target_engine: object | None = field(default=None, repr=False)
-    # what a checkpoint saves and loads the optimizer through (state_dict/load_state_dict): set by prepare_head
+    # what a checkpoint saves and loads the optimizer through (state_dict/load_state_dict): set by parallelize_head
     optimizer_state: object | None = field(default=None, repr=False)
 
     @property
@@ -204,8 +143,6 @@ class Distributed:
     def load_target(self, cfg: TargetConfig) -> nn.Module:
         """The frozen target: whole on this rank (sharding none), or built partitioned under zero.Init
         with the hooks that gather each module's parameters while it runs (zero3)."""
-        from eagle_online.target import load_target_model, resolve_dtype
-
         device = self.accelerator.device
         if self.sharding == "none":
             return load_target_model(cfg, device)
@@ -231,25 +168,25 @@ class Distributed:
         self.target_engine = engine
         return model
 
-    def make_optimizer(self, params, **adamw) -> torch.optim.Optimizer:
-        """The head's AdamW; with training.optimizer_sharding=zero1 on several ranks, each rank keeps and
-        steps the AdamW state of its share of the parameters and broadcasts them (ZeRO stage 1)."""
+    def parallelize_head(self, head: nn.Module, *, param_groups: list[dict], lr: float, betas: tuple[float, float],
+                         weight_decay: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The head as every rank trains it, with its optimizer: the one place the head is wrapped.
+
+        The optimizer is AdamW over `param_groups`; with training.optimizer_sharding=zero1 on several
+        ranks, each rank keeps and steps the AdamW state of its share of the parameters and broadcasts
+        them (ZeRO stage 1). The head is data-parallel over all ranks (DDP). A sharded optimizer stays
+        outside accelerate (which would ask each rank for a whole state it does not have) and is
+        checkpointed as one whole state instead: rank 0 writes it, every rank loads it and keeps its share."""
+        adamw = {"lr": lr, "betas": betas, "weight_decay": weight_decay}
         if self.optimizer_sharding == "zero1" and self.world > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
-            return ZeroRedundancyOptimizer(list(params), optimizer_class=torch.optim.AdamW, **adamw)
-        return torch.optim.AdamW(params, **adamw)
-
-    def prepare_head(self, head: nn.Module, optimizer: torch.optim.Optimizer):
-        """The trained head, data-parallel over all ranks (DDP), and its optimizer. A sharded optimizer
-        stays outside accelerate (which would ask each rank for a whole state it does not have) and is
-        checkpointed as one whole state instead: rank 0 writes it, every rank loads it and keeps its share."""
-        if isinstance(optimizer, torch.optim.AdamW):
-            head, optimizer = self.accelerator.prepare(head, optimizer)
-            self.optimizer_state = optimizer
+            optimizer = ZeroRedundancyOptimizer(list(param_groups), optimizer_class=torch.optim.AdamW, **adamw)
+            head = self.accelerator.prepare(head)
+            self.optimizer_state = _WholeOptimizerState(optimizer)
             return head, optimizer
-        head = self.accelerator.prepare(head)
-        self.optimizer_state = _WholeOptimizerState(optimizer)
+        head, optimizer = self.accelerator.prepare(head, torch.optim.AdamW(param_groups, **adamw))
+        self.optimizer_state = optimizer
         return head, optimizer
 
     def close(self) -> None:

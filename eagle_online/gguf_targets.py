@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from eagle_online.recipe import RecipeError
+from eagle_online.errors import RecipeError
 
 
 class GGUFTargetError(RecipeError):

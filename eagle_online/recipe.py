@@ -14,14 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from eagle_online.errors import UserError
+from eagle_online.errors import RecipeError
+from eagle_online.gguf_targets import BUILTIN_GGUF, resolve_builtin, resolve_gguf
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-
-
-class RecipeError(UserError, ValueError):
-    """A recipe that cannot be used; the message names the file and the key."""
 
 
 class _Section(BaseModel):
@@ -326,8 +323,6 @@ def resolve_asset(name_or_path: str) -> str:
     (eagle_online.gguf_targets.BUILTIN_GGUF: written to the cache on first use); anything else is
     returned unchanged."""
     if name_or_path.startswith("builtin:"):
-        from eagle_online.gguf_targets import BUILTIN_GGUF, resolve_builtin
-
         name = name_or_path.removeprefix("builtin:")
         if name in BUILTIN_GGUF:
             return str(resolve_builtin(name))
@@ -344,8 +339,6 @@ def resolve_target(cfg: TargetConfig) -> str:
     """The directory or hub name every consumer of the target loads: `resolve_asset(model)`, or with
     `gguf_file` the checkpoint materialised from that GGUF (eagle_online.gguf_targets)."""
     if cfg.gguf_file is not None:
-        from eagle_online.gguf_targets import resolve_gguf
-
         return str(resolve_gguf(cfg.model, cfg.gguf_file))
     return resolve_asset(cfg.model)
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from eagle_online.attention import VARLEN, DocumentLayout, register_varlen_attention
-from eagle_online.distributed import full_params
 from eagle_online.recipe import TargetConfig, resolve_target
+from eagle_online.sharded import full_params
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

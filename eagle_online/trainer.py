@@ -52,7 +52,7 @@ from eagle_online.data.vocab import (
     save_draft_vocab,
     vocab_coverage,
 )
-from eagle_online.distributed import full_shape, gathered_copy, parameter_counts, setup_distributed
+from eagle_online.distributed import setup_distributed
 from eagle_online.evaluate import BigramDrafter, evaluate, load_prompts
 from eagle_online.export import (
     BEST_FILE,
@@ -79,6 +79,7 @@ from eagle_online.report import (
     launched_by_accelerate,
     write_curves,
 )
+from eagle_online.sharded import full_shape, gathered_copy, parameter_counts
 from eagle_online.target import FrozenTarget, TargetOutput, decoder_layers, default_aux_layer_ids, load_tokenizer
 from eagle_online.timing import StepTimer
 
@@ -269,9 +270,6 @@ class Trainer:
             print(format_stats(self.data.stats), flush=True)
 
         t = r.training
-        optimizer = self.dist.make_optimizer(
-            self._param_groups(head, feature_scale), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
-        )
         self.world = acc.num_processes
         micro_per_epoch = len(self._epoch_micro_batches(0)) // self.world
         self.steps_per_epoch = micro_per_epoch // t.gradient_accumulation_steps
@@ -282,12 +280,15 @@ class Trainer:
             )
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self._check_total_steps()
+        self.head, self.optimizer = self.dist.parallelize_head(
+            head, param_groups=self._param_groups(head, feature_scale), lr=t.lr, betas=tuple(t.betas),
+            weight_decay=t.weight_decay)
         warmup = int(t.warmup_ratio * self.total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, self.total_steps, warmup, t.schedule)
-        )
-        self.head, self.optimizer = self.dist.prepare_head(head, optimizer)
-        self.scheduler = scheduler  # stepped by us once per optimizer step, whatever the world size
+        # on the optimizer itself (accelerate's wrapper steps it), stepped by us once per optimizer
+        # step, whatever the world size
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            getattr(self.optimizer, "optimizer", self.optimizer),
+            lambda s: lr_factor(s, self.total_steps, warmup, t.schedule))
         acc.init_trackers("tensorboard", config=_flat(r.model_dump(mode="json")),
                           init_kwargs={"wandb": {"name": r.run.name}, "mlflow": {"run_name": r.run.name}})
         if acc.is_main_process:

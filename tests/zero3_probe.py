@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from eagle_online.distributed import parameter_counts, setup_distributed
+from eagle_online.distributed import setup_distributed
 from eagle_online.recipe import load_recipe
+from eagle_online.sharded import parameter_counts
 from eagle_online.target import FrozenTarget
 
 FORWARDS = 3
