@@ -192,7 +192,12 @@ class _Interrupt:
 
 
 class Trainer:
-    """Trains one draft head online against a frozen target, as a recipe describes."""
+    """Trains one draft head online against a frozen target, as a recipe describes.
+
+    `setup()` then `train()` is a run. One optimizer step is `train_step(micro_batches(step))`, and its
+    phases are public too, so a caller (the throughput benchmark) can run each alone on the same data:
+    `micro_batches(step)` (data), `to_device(batch)`, `target.features` / `target.teacher`,
+    `head_forward(out, batch)` (then backward on its loss) and `optimizer_step()`."""
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -363,7 +368,7 @@ class Trainer:
     def _layer_feature_scales(self, head) -> list[float] | None:
         """draft.feature_scale=per_layer: each aux layer's own median per-token RMS (a target's low, mid
         and high layers can differ by orders of magnitude), for its third of fc's input columns: their
-        init is divided by it and their Adam step too (_optimizer_step), which is training fc on each
+        init is divided by it and their Adam step too (optimizer_step), which is training fc on each
         layer divided by its scale, with fc still applied to the raw features. None otherwise."""
         d = self.recipe.draft
         if not isinstance(head, Eagle3Head) or not d.normalize_feature_scale or d.feature_scale != "per_layer":
@@ -457,7 +462,7 @@ class Trainer:
         self._epoch, self._batches = epoch, pack_conversations(examples, self.recipe.data.tokens_per_batch)
         return self._batches
 
-    def _micro_batches(self, step: int) -> list[PackedBatch]:
+    def micro_batches(self, step: int) -> list[PackedBatch]:
         """This rank's micro-batches for an optimizer step: a pure function of the step, so a
         resumed run reads exactly what the uninterrupted one would have. Every rank gets the same
         number (the epoch's tail that does not divide evenly is dropped), so every rank runs the
@@ -472,11 +477,12 @@ class Trainer:
             accumulation=self.recipe.training.gradient_accumulation_steps,
         )]
 
-    # ------------------------------------------------------------------------------------ loop
+    # ----------------------------------------------------------------- one step and its phases
     def train_step(self, batches: list[PackedBatch], timer: StepTimer | None = None) -> dict[str, float]:
         """One optimizer step over `batches` (gradient accumulation); returns its metrics.
 
-        The step runs as named phases (timing.PHASES), each timed on `timer`; the throughput
+        The step runs as named phases (timing.PHASES), each timed on `timer`, each phase a public method
+        (to_device, the target's features and teacher, head_forward, optimizer_step); the throughput
         benchmark runs this same code, and runs each phase's method alone to price the pipeline.
         """
         timer = timer or StepTimer()
@@ -486,7 +492,7 @@ class Trainer:
         tokens = 0
         for m, batch in enumerate(batches):
             with timer.phase("data"):
-                batch = self._to_device(batch)
+                batch = self.to_device(batch)
             with timer.phase("target"):
                 features = self.target.features(batch.input_ids, batch.position_ids)
             with timer.phase("teacher"):
@@ -494,7 +500,7 @@ class Trainer:
             sync = acc.no_sync(self.head) if m < ga - 1 else nullcontext()
             with sync, acc.autocast():
                 with timer.phase("head_forward"):
-                    res = self._head_forward(out, batch)
+                    res = self.head_forward(out, batch)
                 with timer.phase("head_backward"):
                     acc.backward(res.loss / ga)
             tokens += batch.num_tokens
@@ -503,25 +509,27 @@ class Trainer:
             sums["loss"] = sums.get("loss", 0.0) + float(res.loss.detach()) / ga
         sums["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step applies
         with timer.phase("optimizer"):
-            grad_norm = self._optimizer_step()
+            grad_norm = self.optimizer_step()
         sums["grad_norm"] = float(grad_norm)
         sums["tokens"] = tokens
         sums["time_target"] = timer.total("target", "teacher")
         sums["time_head"] = timer.total("head_forward", "head_backward")
         return _with_tau_hat(self._reduce(sums))
 
-    def _to_device(self, batch: PackedBatch) -> PackedBatch:
+    def to_device(self, batch: PackedBatch) -> PackedBatch:
         """The batch's tensors on this rank's device."""
         device = self.accelerator.device
         return replace(batch, input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
                        loss_mask=batch.loss_mask.to(device))
 
-    def _head_forward(self, out: TargetOutput, batch: PackedBatch):
-        """The head's training forward on one micro-batch (EAGLE-3: its TTT unroll): loss and per-step metrics."""
+    def head_forward(self, out: TargetOutput, batch: PackedBatch):
+        """The head's training forward on one micro-batch (EAGLE-3: its TTT unroll): loss and per-step metrics.
+        `out` is the target's output on `batch` (on the device); run it under the accelerator's autocast."""
         return self.head(out, batch)
 
-    def _optimizer_step(self) -> torch.Tensor:
-        """Clip, step the optimizer and the schedule, clear the gradients; returns the pre-clip norm."""
+    def optimizer_step(self) -> torch.Tensor:
+        """Clip, step the optimizer and the schedule, clear the gradients; returns the pre-clip norm.
+        The step's last phase: the gradients are those the head_forward losses' backward accumulated."""
         grad_norm = self.accelerator.clip_grad_norm_(self.head.parameters(), self.recipe.training.max_grad_norm)
         scale = self._fc_column_scale  # per_layer feature scale: fc's columns step at lr / their layer's scale
         if scale is not None:
@@ -535,6 +543,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
+    # ------------------------------------------------------------------------------------ loop
     def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         """Average metrics over ranks (tokens are summed)."""
         if self.world == 1:
@@ -577,7 +586,7 @@ class Trainer:
         while self.step < self.total_steps:
             timer = StepTimer()
             with timer.phase("data"):
-                batches = self._micro_batches(self.step)
+                batches = self.micro_batches(self.step)
             last = self.train_step(batches, timer)
             self.step += 1
             self._session["tokens"] += last["tokens"]

@@ -10,7 +10,15 @@ import argparse
 import importlib
 import sys
 
-from eagle_online.bench import SUBCOMMANDS
+# The benchmarks are the package launch/benchmarks/ beside this file: `benchmarks` when this file runs as
+# a script (launch/ is sys.path[0]), `launch.benchmarks` when it is imported as `launch.bench`. Imported
+# here, so that its modules are found through the package later whatever sys.path holds by then.
+if __package__:
+    benchmarks = importlib.import_module(f"{__package__}.benchmarks")
+else:
+    import benchmarks
+
+SUBCOMMANDS = benchmarks.SUBCOMMANDS
 
 
 def main(argv=None) -> int:
@@ -23,7 +31,7 @@ def main(argv=None) -> int:
         print(f"error: the first argument is one of {sorted(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     name, rest = argv[0], argv[1:]
-    module = importlib.import_module(SUBCOMMANDS[name])
+    module = importlib.import_module(f"{benchmarks.__name__}.{SUBCOMMANDS[name]}")
     parser = argparse.ArgumentParser(prog=f"bench.py {name}", description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)

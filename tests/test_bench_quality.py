@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from eagle_online.bench import quality
+from launch.benchmarks import quality
 
 
 @pytest.mark.slow

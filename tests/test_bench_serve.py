@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from eagle_online.bench import serve
+from launch.benchmarks import serve
 
 WORDS_PER_REPLY = 6
 

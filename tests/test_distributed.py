@@ -114,7 +114,7 @@ def test_a_shorter_epoch_wraps_instead_of_failing_one_rank():
     reads = []
     for rank in range(2):
         trainer.accelerator = SimpleNamespace(process_index=rank)
-        reads.append([b for step in range(5, 10) for b in trainer._micro_batches(step)])
+        reads.append([b for step in range(5, 10) for b in trainer.micro_batches(step)])
     assert [len(r) for r in reads] == [5, 5]
     assert reads[0][-1] == "row8" and reads[1][-1] == "row0"  # index 9 wrapped
 

@@ -226,7 +226,7 @@ def test_recipe_init_from_continues_training_an_import(tmp_path):
         assert torch.equal(started[name], t), name
     vocab = load_file(str(run / "draft_vocab.safetensors"))
     assert torch.equal(vocab["d2t"], head.d2t) and torch.equal(vocab["t2d"], head.t2d)
-    metrics = trainer.train_step(trainer._micro_batches(0))
+    metrics = trainer.train_step(trainer.micro_batches(0))
     assert metrics["loss"] > 0 and not torch.equal(trainer.unwrapped_head().fc.weight, head.fc.weight)
     bad = load_recipe("tiny_eagle3", [f"run.output_dir={tmp_path / 'bad'}", f"draft.init_from={src}",
                                       "draft.draft_vocab_size=1024", "data.sources.0.max_rows=40"])

@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from eagle_online.bench.throughput import saved_tensor_bytes
 from eagle_online.heads.eagle3 import Eagle3Head, eagle3_config
 from eagle_online.plan import (
     KNOWN_SHAPES,
@@ -17,6 +16,7 @@ from eagle_online.plan import (
     target_shapes,
 )
 from eagle_online.recipe import load_recipe
+from launch.benchmarks.throughput import saved_tensor_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,5 +18,5 @@ def test_every_step_of_every_epoch_has_its_batches():
     assert min(counts) < counts[0], counts  # the situation this test is about does occur
     trainer.steps_per_epoch = counts[0]
     for step in range(6 * counts[0]):
-        (batch,) = trainer._micro_batches(step)
+        (batch,) = trainer.micro_batches(step)
         assert batch.num_tokens > 0

@@ -164,7 +164,7 @@ class _Bench:
 
     def step(self, index: int, timer: StepTimer) -> dict[str, float]:
         with timer.phase("data"):
-            batches = self.trainer._micro_batches(index)
+            batches = self.trainer.micro_batches(index)
         return self.trainer.train_step(batches, timer)
 
     def timed(self, fn, *args) -> float:
@@ -181,20 +181,20 @@ class _Bench:
         (which the step holds anyway) excluded. Exact and device-independent, so it scales to shapes
         this machine cannot run."""
         tr, acc = self.trainer, self.trainer.accelerator
-        batch = tr._to_device(tr._micro_batches(index)[0])
+        batch = tr.to_device(tr.micro_batches(index)[0])
         out = tr.target(batch.input_ids, batch.position_ids)
         with acc.autocast():
-            return saved_tensor_bytes(lambda: tr._head_forward(out, batch),
+            return saved_tensor_bytes(lambda: tr.head_forward(out, batch),
                                       [*tr.head.parameters(), *tr.head.buffers(), *vars(out).values()])
 
     def phases_alone(self, index: int) -> dict[str, float]:
         """Seconds of each phase of step `index` run by itself, every micro-batch of the step."""
         tr, acc = self.trainer, self.trainer.accelerator
-        batches = [tr._to_device(b) for b in tr._micro_batches(index)]
+        batches = [tr.to_device(b) for b in tr.micro_batches(index)]
         ga = len(batches)
 
         def data():
-            return [tr._to_device(b) for b in tr._micro_batches(index)]
+            return [tr.to_device(b) for b in tr.micro_batches(index)]
 
         def backward(res):
             acc.backward(res.loss / ga)
@@ -207,10 +207,10 @@ class _Bench:
             out = tr.target.teacher(features)
             seconds["teacher"] += self.timed(tr.target.teacher, features)
             with acc.autocast():
-                seconds["head_forward"] += self.timed(tr._head_forward, out, b)
-                seconds["head_backward"] += self.timed(backward, tr._head_forward(out, b))
+                seconds["head_forward"] += self.timed(tr.head_forward, out, b)
+                seconds["head_backward"] += self.timed(backward, tr.head_forward(out, b))
             del features, out
-        seconds["optimizer"] = self.timed(tr._optimizer_step)
+        seconds["optimizer"] = self.timed(tr.optimizer_step)
         return seconds
 
 
@@ -283,7 +283,7 @@ def run(args) -> dict:
         result = _result(args, recipe, trainer, device, data_kind, whole, tokens, split_steps, split_phases,
                          alone, peak, repeats)
         result["head_saved_bytes"] = saved
-        result["head_saved_bytes_per_token"] = saved / trainer._micro_batches(window[0])[0].num_tokens
+        result["head_saved_bytes_per_token"] = saved / trainer.micro_batches(window[0])[0].num_tokens
         trainer.accelerator.end_training()
     return result
 
