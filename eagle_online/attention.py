@@ -1,5 +1,7 @@
 """Causal attention over packed conversations without dense masks, for the target and the draft head.
 
+docs/traps.md: the attention and packing traps this module works around.
+
 Packed rows hold whole conversations back to back (position_ids restart at 0); attention must stay
 inside each one. Instead of a [T × T] block-diagonal mask (what transformers builds for sdpa from
 packed position_ids, costing T² work and memory whatever the conversations' lengths), the work here

@@ -1,6 +1,8 @@
 """All accelerate and DeepSpeed wiring: processes, the frozen target's ZeRO-3 sharding, the head's data
 parallelism, and teardown. Nothing else in the package imports deepspeed.
 
+docs/distributed.md: the same design at more length, with checkpoints and launchers.
+
 The design, and why (measured on CPU with torch 2.13, accelerate 1.15, deepspeed 0.19.8):
 
 - **The head is an ordinary accelerate-prepared module**: DDP over all ranks (plain on one). accelerate

@@ -1,5 +1,7 @@
 """Acceptance length τ measured by real speculative decoding (chain drafting), as an engine decodes.
 
+docs/measuring.md: what each tool reports and how the floors are made.
+
 Per round, with L tokens so far (the target's KV cache holds the first L-1, the drafter has committed
 the pairs (feature_t, token_{t+1}) up to t = L-2, whose last output proposes token L):
 

@@ -1,5 +1,7 @@
 """EAGLE-3 checkpoints in the layout SGLang and vLLM serve, and loading such checkpoints back.
 
+docs/serving.md: the layouts, the layer-id trap and what is checked.
+
 An export is a directory with `config.json` (the head's LlamaConfig) and `model.safetensors` holding the
 serving names exactly: both engines skip names they do not know without a word, and a skipped tensor
 serves at τ = 1. So every name, shape and dtype is checked before anything is written, and the directory

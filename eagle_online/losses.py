@@ -1,4 +1,7 @@
-"""Distillation losses and the per-TTT-step metrics."""
+"""Distillation losses and the per-TTT-step metrics.
+
+docs/algorithms.md: the losses, the heads they train and the logged metrics.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,6 +1,7 @@
 """The package's shape: its import graph (every import, at the top of a module or inside a function) has
 no cycle, and the layering rules the code relies on hold."""
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "eagle_online"
@@ -64,3 +65,47 @@ def test_the_package_import_graph_has_no_cycle():
     graph = import_graph()
     assert "eagle_online.sharded" in graph["eagle_online.target"]  # the graph sees real edges
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_no_package_module_parses_arguments():
+    """Command lines belong to the entry points in launch/; the package is called with values."""
+    parsers = [str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")
+               if "argparse" in _imported_names(p)]
+    assert parsers == []
+
+
+def _imported_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+DOC_REFERENCE = re.compile(r"\bdocs/[A-Za-z0-9_.-]+\.md\b")
+MARKDOWN_LINK = re.compile(r"\]\(([^)#:\s]+\.md)(?:#[^)]*)?\)")
+
+
+def test_every_docs_reference_resolves():
+    """`docs/<page>.md` in code, recipes, launch notes and docs, and relative links between docs pages,
+    name files that exist in the repository."""
+    root = PACKAGE.parent
+    files = [p for pattern in ("eagle_online/**/*.py", "launch/**/*.py", "launch/*.md", "recipes/*.yaml",
+                               "docs/*.md", "README.md", "tests/*.py")
+             for p in root.glob(pattern)]
+    seen, missing = 0, []
+    for path in files:
+        text = path.read_text()
+        for ref in DOC_REFERENCE.findall(text):
+            seen += 1
+            if not (root / ref).is_file():
+                missing.append(f"{path.relative_to(root)}: {ref}")
+        if path.parent.name == "docs":
+            for link in MARKDOWN_LINK.findall(text):
+                seen += 1
+                if not (path.parent / link).is_file():
+                    missing.append(f"{path.relative_to(root)}: {link}")
+    assert seen > 10  # the pattern finds the references there are
+    assert missing == []

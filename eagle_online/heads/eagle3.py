@@ -1,5 +1,7 @@
 """The EAGLE-3 draft head and its training-time-test (TTT) unroll.
 
+docs/algorithms.md: the head, the draft vocabulary and the unroll, step by step.
+
 Tensor names follow the layout SGLang and vLLM load (`fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`,
 `t2d`), so export is a filter over `state_dict()`, not a rename table.
 """
