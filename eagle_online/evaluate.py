@@ -363,8 +363,9 @@ def evaluate_draft(recipe, draft_dir, prompts_path: str, *, temperatures=(0.0,),
     `verbose` says on stderr what it is doing (reading and counting the data, each prompt decoded).
     Returns {"draft", "prompts", "results": {name: {str(T): EvalResult dict}}}."""
     say = _say if verbose else (lambda text, end="\n": None)
-    from eagle_online.export import aux_layer_ids_of, load_draft
+    from eagle_online.export import load_draft
     from eagle_online.heads import drafter_for
+    from eagle_online.layout import aux_layer_ids_of
     from eagle_online.target import load_target_model, load_tokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

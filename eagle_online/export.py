@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import uuid
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -22,253 +21,21 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 from eagle_online.checkpoint import MANIFEST, damage, disk_full
-from eagle_online.errors import UserError
-from eagle_online.heads import HEADS, architecture_of
-from eagle_online.heads.eagle import ARCHITECTURE as EAGLE
-from eagle_online.heads.eagle import VLLM_ARCHITECTURE as EAGLE_VLLM
-from eagle_online.heads.eagle import EagleHead
-from eagle_online.heads.eagle3 import ARCHITECTURE, Eagle3Head
-from eagle_online.heads.mlp import ARCHITECTURE as MLP
-from eagle_online.heads.mlp import MLPHead
-from eagle_online.target import default_aux_layer_ids
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-
-# Serving name → shape, in the head config's dimensions: H hidden, Ht target hidden, A = heads·head_dim,
-# KV = kv_heads·head_dim, I intermediate, V target vocab, Vd draft vocab. q/k/v read cat(embed, feature): 2H.
-REQUIRED_TENSORS: dict[str, tuple[str, ...]] = {
-    "fc.weight": ("H", "3*Ht"),
-    "midlayer.input_layernorm.weight": ("H",),
-    "midlayer.hidden_norm.weight": ("H",),
-    "midlayer.self_attn.q_proj.weight": ("A", "2*H"),
-    "midlayer.self_attn.k_proj.weight": ("KV", "2*H"),
-    "midlayer.self_attn.v_proj.weight": ("KV", "2*H"),
-    "midlayer.self_attn.o_proj.weight": ("H", "A"),
-    "midlayer.post_attention_layernorm.weight": ("H",),
-    "midlayer.mlp.gate_proj.weight": ("I", "H"),
-    "midlayer.mlp.up_proj.weight": ("I", "H"),
-    "midlayer.mlp.down_proj.weight": ("H", "I"),
-    "norm.weight": ("H",),
-    "lm_head.weight": ("Vd", "H"),
-    "d2t": ("Vd",),
-    "t2d": ("V",),
-}
-# EAGLE-1/2 (LlamaForCausalLMEagle / EagleLlamaForCausalLM): layer 0 without input_layernorm, fc over
-# cat(embed, feature), no norm and no lm_head (both engines use the target's lm_head and embedding).
-# `fc.bias` is written when the head has one (EAGLE_OPTIONAL).
-EAGLE_TENSORS: dict[str, tuple[str, ...]] = {
-    "fc.weight": ("H", "2*H"),
-    "layers.0.self_attn.q_proj.weight": ("A", "H"),
-    "layers.0.self_attn.k_proj.weight": ("KV", "H"),
-    "layers.0.self_attn.v_proj.weight": ("KV", "H"),
-    "layers.0.self_attn.o_proj.weight": ("H", "A"),
-    "layers.0.post_attention_layernorm.weight": ("H",),
-    "layers.0.mlp.gate_proj.weight": ("I", "H"),
-    "layers.0.mlp.up_proj.weight": ("I", "H"),
-    "layers.0.mlp.down_proj.weight": ("H", "I"),
-}
-EAGLE_OPTIONAL = {"fc.bias": ("H",)}
-# Both engines take the target's embedding (vLLM would keep a checkpoint's copy if it differed), so an
-# export omits it; a checkpoint being loaded may carry it.
-EMBED_NAME = "embed_tokens.weight"
-EMBED_SHAPE = ("V", "H")
-# Exact dtypes of the vocabulary maps; every other tensor must be floating point.
-INDEX_DTYPES = {"d2t": torch.int64, "t2d": torch.bool}
-
-_ID_KEY = "eagle_aux_hidden_state_layer_ids"
+from eagle_online.heads import HEADS, DraftHead, architecture_of
+from eagle_online.layout import CONFIG_NAME, WEIGHTS_NAME, ExportError
 
 
-class ExportError(UserError, ValueError):
-    """A checkpoint that would not serve correctly (wrong names, shapes, dtypes, layer ids) or cannot be read."""
-
-
-def expected_shapes(config, table: Mapping[str, tuple[str, ...]] = REQUIRED_TENSORS) -> dict[str, tuple[int, ...]]:
-    """A tensor table (REQUIRED_TENSORS by default, plus the optional embedding) with the config's
-    dimensions filled in."""
-    h = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    dims = {
-        "H": h,
-        "Ht": getattr(config, "target_hidden_size", None) or h,
-        "A": config.num_attention_heads * head_dim,
-        "KV": kv_heads * head_dim,
-        "I": config.intermediate_size,
-        "V": config.vocab_size,
-        "Vd": getattr(config, "draft_vocab_size", None),
-    }
-
-    def dim(expr: str) -> int:
-        factor, _, symbol = expr.rpartition("*")
-        return int(factor or 1) * dims[symbol]
-
-    shapes = {name: tuple(dim(e) for e in rule) for name, rule in table.items()}
-    shapes[EMBED_NAME] = tuple(dim(e) for e in EMBED_SHAPE)
-    return shapes
-
-
-def check_tensors(tensors: Mapping[str, torch.Tensor], config, *, allow_embed: bool,
-                  required: Mapping[str, tuple[str, ...]] = REQUIRED_TENSORS,
-                  optional: Mapping[str, tuple[str, ...]] | None = None) -> None:
-    """Raise ExportError naming every missing, unexpected, mis-shaped or mis-typed tensor of a table
-    (EAGLE-3's by default), and checking that d2t and t2d describe the same draft vocabulary."""
-    optional = dict(optional or {})
-    shapes = expected_shapes(config, {**required, **optional})
-    allowed = set(required) | set(optional) | ({EMBED_NAME} if allow_embed else set())
-    problems = [f"missing tensor {name}" for name in required if name not in tensors]
-    problems += [f"unexpected tensor {name}" for name in tensors if name not in allowed]
-    for name, t in tensors.items():
-        if name not in allowed:
-            continue
-        if tuple(t.shape) != shapes[name]:
-            problems.append(f"tensor {name} has shape {list(t.shape)}, expected {list(shapes[name])}")
-        want = INDEX_DTYPES.get(name)
-        if want is not None and t.dtype != want:
-            problems.append(f"tensor {name} has dtype {t.dtype}, expected {want}")
-        if want is None and not t.dtype.is_floating_point:
-            problems.append(f"tensor {name} has dtype {t.dtype}, expected a floating-point dtype")
-    if problems:
-        raise ExportError("; ".join(problems))
-    if "d2t" in required:
-        _check_vocab_maps(tensors["d2t"], tensors["t2d"])
-
-
-def _check_vocab_maps(d2t: torch.Tensor, t2d: torch.Tensor) -> None:
-    """Draft id i is target id i + d2t[i]; t2d marks exactly those target ids. A head whose maps were
-    never filled in (all zeros) fails here rather than serving wrong tokens."""
-    ids = torch.arange(len(d2t)) + d2t.cpu()
-    if len(ids) and (ids.min() < 0 or ids.max() >= len(t2d)):
-        raise ExportError(f"tensor d2t maps draft ids outside the target vocabulary [0, {len(t2d)})")
-    t2d = t2d.cpu()
-    if int(t2d.sum()) != len(d2t) or not bool(t2d[ids].all()):
-        raise ExportError(
-            "tensors d2t and t2d disagree: t2d must be True exactly at the target ids arange + d2t "
-            "(was the head's vocabulary map initialised, e.g. by init_from_target?)"
-        )
-
-
-def check_aux_layer_ids(aux_layer_ids, target_num_layers: int) -> list[int]:
-    """Three distinct ids of the target's decoder layers (id i = the residual stream entering layer i)."""
-    ids = [int(i) for i in aux_layer_ids]
-    if len(ids) != 3 or len(set(ids)) != 3 or min(ids) < 0 or max(ids) >= target_num_layers:
-        raise ExportError(
-            f"aux layer ids {ids} must be 3 distinct ids in [0, {target_num_layers}) "
-            "(the defaults [2, N//2, N-3] repeat for targets with fewer than 7 layers: no engine serves them)"
-        )
-    return ids
-
-
-def serving_config(config, aux_layer_ids, target_num_layers: int, dtype: torch.dtype) -> dict:
-    """The config.json dict both engines read, including the layer-id trap:
-
-    with the default ids no id is written anywhere (both engines' defaults agree); with other ids the
-    top-level field gets them as given (vLLM) and `eagle_config` gets them minus one (SGLang adds one),
-    with a warning because SGLang's reading changed across versions."""
-    ids = check_aux_layer_ids(aux_layer_ids, target_num_layers)
-    cfg = config.to_dict()  # every field explicit: engine and transformers defaults differ across versions
-    cfg.update(
-        architectures=[ARCHITECTURE],
-        num_hidden_layers=1,
-        draft_vocab_size=config.draft_vocab_size,
-        target_hidden_size=getattr(config, "target_hidden_size", None) or config.hidden_size,
-        tie_word_embeddings=False,  # true would make SGLang use the embedding as lm_head
-        norm_before_residual=False,  # vLLM's speculators format defaults it to True
-        dtype=str(dtype).removeprefix("torch."),
-    )
-    _add_legacy_rope(cfg)
-    # Drop ids the head's config may carry (e.g. loaded from another checkpoint) before deciding.
-    cfg.pop(_ID_KEY, None)
-    eagle_config = dict(cfg.pop("eagle_config", None) or {})
-    eagle_config.pop(_ID_KEY, None)
-    default = default_aux_layer_ids(target_num_layers)
-    if ids != default:
-        if min(ids) < 1:
-            raise ExportError(
-                f"aux layer id 0 cannot be written for SGLang, which reads eagle_config ids as id - 1: got {ids}"
-            )
-        cfg[_ID_KEY] = ids
-        eagle_config[_ID_KEY] = [i - 1 for i in ids]
-        warnings.warn(
-            f"explicit aux layer ids {ids} (the defaults for a {target_num_layers}-layer target are {default}): "
-            f"wrote {_ID_KEY}={ids} at the top level for vLLM and eagle_config.{_ID_KEY}={[i - 1 for i in ids]} "
-            "for SGLang, which adds 1. SGLang's reading depends on its version (a 2026-05 change adds 1 only "
-            "when the first id is 1): check the acceptance rate after serving, a layer off gives ~1%.",
-            stacklevel=3,
-        )
-    if eagle_config:
-        cfg["eagle_config"] = eagle_config
-    return cfg
-
-
-def _add_legacy_rope(cfg: dict) -> None:
-    """transformers 5 writes only `rope_parameters`; engines running transformers 4.x read `rope_theta` and
-    `rope_scaling` and would otherwise fall back to theta 10000. Both spellings load the same in 5.x."""
-    rope = cfg.get("rope_parameters")
-    if not isinstance(rope, dict) or "rope_theta" not in rope:
-        return  # absent, or per-layer-type parameters: leave as is
-    cfg["rope_theta"] = rope["rope_theta"]
-    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    cfg["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
-
-
-def export_eagle3(head: Eagle3Head, out_dir, aux_layer_ids: list[int], target_num_layers: int,
-                  extra_files: Mapping[str, str] | None = None) -> Path:
-    """Write a directory SGLang and vLLM load as an EAGLE-3 draft: config.json and model.safetensors with
-    the serving names, without the embedding (both engines use the target's).
+def export_head(head: DraftHead, out_dir, aux_layer_ids: list[int] | None = None,
+                target_num_layers: int | None = None, extra_files: Mapping[str, str] | None = None) -> Path:
+    """Write a directory the engines load: the head's serving layout (`serving_layout`: config.json and
+    model.safetensors with the serving names; the layer ids matter to EAGLE-3 only).
 
     Everything is checked first (ExportError names the offending tensor), written into a temporary
     sibling directory, and renamed into place; an existing export is replaced only once the new one is
     complete, and nothing half-written is left behind on error. `extra_files` (name → text: the card) are
     written beside them, in the same temporary directory."""
-    state = head.state_dict()
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items() if name != EMBED_NAME}
-    check_tensors(tensors, head.config, allow_embed=False)
-    config = serving_config(head.config, aux_layer_ids, target_num_layers, tensors["fc.weight"].dtype)
-
+    config, tensors = head.serving_layout(aux_layer_ids, target_num_layers)
     return _write_export(out_dir, config, tensors, extra_files)
-
-
-def export_eagle(head: EagleHead, out_dir, extra_files: Mapping[str, str] | None = None) -> Path:
-    """Write an EAGLE-1/2 draft both engines load (module docstring of heads/eagle.py): config.json
-    naming both engines' architectures and the layer-0 tensors, without embedding or lm_head."""
-    state = head.state_dict()
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()
-               if name not in (EMBED_NAME, "lm_head.weight")}
-    check_tensors(tensors, head.config, allow_embed=False, required=EAGLE_TENSORS, optional=EAGLE_OPTIONAL)
-    config = head.config.to_dict()
-    config.update(
-        architectures=[EAGLE, EAGLE_VLLM],
-        num_hidden_layers=1,
-        tie_word_embeddings=False,  # SGLang would read its lm_head from the embedding
-        eagle_fc_bias="fc.bias" in tensors,
-        dtype=str(tensors["fc.weight"].dtype).removeprefix("torch."),
-    )
-    # No `bias` key: vLLM's Llama layers read it as attention_bias.
-    config.pop("bias", None)
-    _add_legacy_rope(config)
-    return _write_export(out_dir, config, tensors, extra_files)
-
-
-def export_mlp(head: MLPHead, out_dir, extra_files: Mapping[str, str] | None = None) -> Path:
-    """Write the MLP baseline in our own layout (no engine serves it): config.json, and the blocks,
-    draft-vocabulary lm_head rows and vocab maps, without the embedding."""
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in head.state_dict().items() if name != EMBED_NAME}
-    config = head.config.to_dict()
-    config["dtype"] = str(tensors["lm_head.weight"].dtype).removeprefix("torch.")
-    return _write_export(out_dir, config, tensors, extra_files)
-
-
-def export_head(head, out_dir, aux_layer_ids: list[int], target_num_layers: int,
-                extra_files: Mapping[str, str] | None = None) -> Path:
-    """Export any registered head in its serving layout (the layer ids matter to EAGLE-3 only)."""
-    if isinstance(head, Eagle3Head):
-        return export_eagle3(head, out_dir, aux_layer_ids, target_num_layers, extra_files)
-    if isinstance(head, EagleHead):
-        return export_eagle(head, out_dir, extra_files)
-    if isinstance(head, MLPHead):
-        return export_mlp(head, out_dir, extra_files)
-    raise ExportError(f"no exporter for {type(head).__name__}")
 
 
 def _write_export(out_dir, config: dict, tensors: dict[str, torch.Tensor],
@@ -293,7 +60,8 @@ def _is_replaceable(path: Path) -> bool:
         return True
     try:
         names = json.loads((path / CONFIG_NAME).read_text()).get("architectures", [])
-        return any(name in HEADS or name == EAGLE_VLLM for name in names)
+        served = {n for spec in HEADS.values() for n in (spec.head.ARCHITECTURE, *spec.head.SERVED_NAMES)}
+        return any(name in served for name in names)
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -346,35 +114,6 @@ def read_tensors(path) -> dict[str, torch.Tensor]:
     raise ExportError(f"no {WEIGHTS_NAME}, sharded safetensors or pytorch_model.bin in {path}")
 
 
-def _with_embedding(tensors: dict, shape: tuple[int, ...], dtype: torch.dtype, name: str,
-                    weight: torch.Tensor | None, what: str) -> None:
-    """Put the target's `weight` under `name` when the checkpoint lacks it (checked against `shape`)."""
-    if name in tensors:
-        return
-    if weight is None:
-        raise ExportError(f"the checkpoint has no {name}: pass the target's {what}")
-    if tuple(weight.shape) != tuple(shape):
-        raise ExportError(f"the target's {what} has shape {list(weight.shape)}, expected {list(shape)}")
-    tensors[name] = weight.detach().to("cpu", dtype)
-
-
-def _load_state(head: torch.nn.Module, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype):
-    for p in head.parameters():  # parameters only: RoPE's inv_freq buffer stays fp32
-        p.data = p.data.to(dtype)
-    head.load_state_dict(dict(tensors), strict=True)
-    return head
-
-
-def head_from_tensors(config, tensors: Mapping[str, torch.Tensor], embed_weight: torch.Tensor | None = None):
-    """An Eagle3Head holding `tensors` (checked first), in their floating-point dtype. The embedding is
-    the checkpoint's when it has one, else `embed_weight` (the target's)."""
-    check_tensors(tensors, config, allow_embed=True)
-    tensors = dict(tensors)
-    dtype = tensors["fc.weight"].dtype
-    _with_embedding(tensors, expected_shapes(config)[EMBED_NAME], dtype, EMBED_NAME, embed_weight, "embedding")
-    return _load_state(Eagle3Head(config), tensors, dtype)
-
-
 def _read_config(path: Path) -> dict:
     if not (path / CONFIG_NAME).exists():
         raise ExportError(f"no {CONFIG_NAME} in {path}")
@@ -384,116 +123,18 @@ def _read_config(path: Path) -> dict:
         raise ExportError(f"{path / CONFIG_NAME}: not valid JSON: {e}") from None
 
 
-def _speculators_eagle3_config(raw: dict, where: Path) -> LlamaConfig:
-    """The LlamaConfig of a vLLM speculators EAGLE-3 config.json (`speculators_model_type: eagle3`, the
-    layer's fields nested under `transformer_layer_config`; speculators/models/eagle3 config.py)."""
-    layer = raw.get("transformer_layer_config")
-    if not isinstance(layer, dict):
-        raise ExportError(f"{where}: a speculators config needs a `transformer_layer_config` mapping")
-    if raw.get("norm_before_residual", False):
-        raise ExportError(f"{where}: norm_before_residual is true; this head implements the original EAGLE-3 "
-                          "layer (hidden_norm after the residual is taken) only")
-    fields = {k: v for k, v in layer.items() if k not in ("architectures", "model_type", "transformers_version")}
-    config = LlamaConfig(**fields)
-    config.architectures = [ARCHITECTURE]
-    config.num_hidden_layers = 1
-    config.draft_vocab_size = raw.get("draft_vocab_size")
-    config.target_hidden_size = raw.get("target_hidden_size") or config.hidden_size
-    config.norm_before_residual = False
-    config.tie_word_embeddings = False
-    if raw.get(_ID_KEY):  # vLLM's convention: captured as given, like ours
-        config.eagle_aux_hidden_state_layer_ids = list(raw[_ID_KEY])
-    return config
-
-
-def _eagle3_layer_ids(config) -> None:
-    """Normalise a loaded config's explicit aux layer ids to ours (HF hidden_states index) at the top
-    level: vLLM reads the top-level field as given, SGLang reads `eagle_config`'s and adds one."""
-    top = getattr(config, _ID_KEY, None)
-    nested = (getattr(config, "eagle_config", None) or {}).get(_ID_KEY)
-    if not top and nested:
-        config.eagle_aux_hidden_state_layer_ids = [int(i) + 1 for i in nested]
-
-
-def aux_layer_ids_of(config) -> list[int] | None:
-    """The explicit aux layer ids a loaded EAGLE-3 head was trained with (None: the defaults)."""
-    ids = getattr(config, _ID_KEY, None)
-    return [int(i) for i in ids] if ids else None
-
-
-def load_eagle3(path, embed_weight: torch.Tensor | None = None) -> Eagle3Head:
-    """Load an EAGLE-3 draft directory into an Eagle3Head: our export, the official EAGLE-3 releases
-    (config.json + pytorch_model.bin, `midlayer.*`), SpecForge/SGLang (model.safetensors with
-    embed_tokens) or vLLM speculators (`speculators_model_type: eagle3`, `layers.0.*`). embed_tokens
-    comes from `embed_weight` (the target's) when the checkpoint has none."""
+def load_draft(path, embed_weight: torch.Tensor | None = None, lm_head_weight: torch.Tensor | None = None
+               ) -> DraftHead:
+    """Load any draft directory this project reads, choosing the head by its config.json (`reads`):
+    EAGLE-3 in our, the official, SpecForge's or vLLM speculators' layout; EAGLE-1/2; or the MLP
+    baseline. The target's embedding and lm_head fill in what the checkpoint leaves out."""
     path = Path(path)
     raw = _read_config(path)
-    if raw.get("speculators_model_type") is not None:
-        if raw["speculators_model_type"] != "eagle3":
-            raise ExportError(f"{path / CONFIG_NAME}: speculators_model_type {raw['speculators_model_type']!r}, "
-                              "only eagle3 is read")
-        config = _speculators_eagle3_config(raw, path / CONFIG_NAME)
-    else:
-        config = LlamaConfig.from_dict(raw)
-        architectures = getattr(config, "architectures", None) or []
-        if ARCHITECTURE not in architectures:
-            raise ExportError(f"{path / CONFIG_NAME} has architectures {architectures}, expected [{ARCHITECTURE!r}]")
-        _eagle3_layer_ids(config)
-    if getattr(config, "draft_vocab_size", None) is None:
-        raise ExportError(f"{path / CONFIG_NAME} has no draft_vocab_size")
-    # vLLM-side writers (speculators) name the layer `layers.0.`; SGLang and EAGLE write `midlayer.`.
-    tensors = {("midlayer." + k[len("layers.0."):] if k.startswith("layers.0.") else k): v
-               for k, v in read_tensors(path).items()}
-    bias = tensors.pop("fc.bias", None)
-    if bias is not None and bool(bias.any()):
-        raise ExportError(f"{path}: fc.bias is non-zero; EAGLE-3 as SGLang and vLLM serve it has no fc bias")
-    return head_from_tensors(config, tensors, embed_weight)
-
-
-def load_eagle(path, embed_weight: torch.Tensor | None = None, lm_head_weight: torch.Tensor | None = None) -> EagleHead:
-    """Load an EAGLE-1/2 draft directory (ours, SGLang's LlamaForCausalLMEagle, vLLM's EagleLlamaForCausalLM
-    or an official EAGLE release) into an EagleHead; embedding and lm_head are the target's unless the
-    checkpoint carries them."""
-    path = Path(path)
-    config = LlamaConfig.from_dict(_read_config(path))
-    tensors = dict(read_tensors(path))
-    config.eagle_fc_bias = "fc.bias" in tensors
-    lm_shape = (config.vocab_size, config.hidden_size)
-    check_tensors({k: v for k, v in tensors.items() if k != "lm_head.weight"}, config, allow_embed=True,
-                  required=EAGLE_TENSORS, optional=EAGLE_OPTIONAL)
-    dtype = tensors["fc.weight"].dtype
-    _with_embedding(tensors, lm_shape, dtype, EMBED_NAME, embed_weight, "embedding")
-    _with_embedding(tensors, lm_shape, dtype, "lm_head.weight", lm_head_weight, "lm_head")
-    config.architectures = [EAGLE, EAGLE_VLLM]
-    return _load_state(EagleHead(config), tensors, dtype)
-
-
-def load_mlp(path, embed_weight: torch.Tensor | None = None) -> MLPHead:
-    """Load the MLP baseline's export; the embedding is the target's."""
-    path = Path(path)
-    config = LlamaConfig.from_dict(_read_config(path))
-    tensors = dict(read_tensors(path))
-    dtype = tensors["lm_head.weight"].dtype
-    _with_embedding(tensors, (config.vocab_size, config.hidden_size), dtype, EMBED_NAME, embed_weight, "embedding")
-    return _load_state(MLPHead(config), tensors, dtype)
-
-
-def load_draft(path, embed_weight: torch.Tensor | None = None, lm_head_weight: torch.Tensor | None = None):
-    """Load any draft directory this project reads, choosing by its config.json: EAGLE-3 in our, the
-    official, SpecForge's or vLLM speculators' layout; EAGLE-1/2; or the MLP baseline."""
-    path = Path(path)
-    raw = _read_config(path)
-    if raw.get("speculators_model_type") is not None:
-        return load_eagle3(path, embed_weight)
-    names = raw.get("architectures") or []
-    if ARCHITECTURE in names:
-        return load_eagle3(path, embed_weight)
-    if EAGLE in names or EAGLE_VLLM in names:
-        return load_eagle(path, embed_weight, lm_head_weight)
-    if MLP in names:
-        return load_mlp(path, embed_weight)
-    raise ExportError(f"{path / CONFIG_NAME} has architectures {names}: not a draft this project reads "
-                      f"(known: {sorted(HEADS)}, or a speculators eagle3 config)")
+    for spec in HEADS.values():
+        if spec.head.reads(raw):
+            return spec.head.from_layout(raw, read_tensors(path), path / CONFIG_NAME, embed_weight, lm_head_weight)
+    raise ExportError(f"{path / CONFIG_NAME} has architectures {raw.get('architectures') or []}: not a draft this "
+                      f"project reads (known: {sorted(HEADS)}, or a speculators eagle3 config)")
 
 
 def checkpoint_names(run_dir) -> list[str]:
@@ -545,14 +186,17 @@ def choose_checkpoint(run_dir, which: str = "last", min_prompts: int = 8) -> tup
 
 CARD_NAME = "README.md"
 METADATA_NAME = "eagle_online.json"
-# How the README's serving section launches each architecture (None: no engine serves it).
-SERVE_METHOD = {ARCHITECTURE: ("EAGLE3", "eagle3"), EAGLE: ("EAGLE", "eagle"), MLP: None}
+
+
+def _serve_method(architecture: str) -> tuple[str, str] | None:
+    """How the engines are told to run a head (its SERVE_METHOD), None when none serves it."""
+    return HEADS[architecture].head.SERVE_METHOD if architecture in HEADS else None
 
 
 def serve_commands(target: str, draft_dir, architecture: str) -> dict[str, str]:
     """The SGLang and vLLM commands that serve `draft_dir` beside `target` (the README's, with the names
     filled in); empty for a head no engine serves (the MLP baseline)."""
-    method = SERVE_METHOD.get(architecture)
+    method = _serve_method(architecture)
     if method is None:
         return {}
     algorithm, vllm_method = method
@@ -621,7 +265,7 @@ def card_metadata(run_dir, checkpoint: str, why: str, out: Path, config) -> dict
         "draft": {k: v for k, v in {
             "hidden_size": getattr(config, "hidden_size", None),
             "draft_vocab_size": getattr(config, "draft_vocab_size", None),
-            "ttt_length": recipe.get("draft", {}).get("ttt_length") if architecture == ARCHITECTURE else None,
+            **{key: recipe.get("draft", {}).get(key) for key in HEADS[architecture].head.SHOWN_SETTINGS},
         }.items() if v is not None},
         "checkpoint": {"name": checkpoint, "step": step, "total_steps": state.get("total_steps"), "why": why},
         "tau": {
@@ -710,7 +354,7 @@ def card_text(meta: dict) -> str:
         for engine, label in (("vllm", "vLLM"), ("sglang", "SGLang")):
             lines += [f"{label}:", "", "```bash", meta["serve"][engine], "```", ""]
         lines.append("The paths are where the export was written; use this folder's path if it moved.")
-    elif SERVE_METHOD.get(meta["architecture"]) is None:
+    elif _serve_method(meta["architecture"]) is None:
         lines.append("No engine serves this head (the MLP baseline): measure it with `launch/eval.py`.")
     else:
         lines.append("The run directory records no target (no recipe.yaml): serve it beside the target it was "
@@ -791,11 +435,7 @@ def export_run(run_dir, checkpoint: str | None = None, out=None, why: str | None
                           f"--checkpoint (complete ones: {checkpoint_names(run_dir)})") from None
     config = LlamaConfig.from_json_file(str(run_dir / "draft_config.json"))
     info = json.loads((run_dir / "run_info.json").read_text())
-    architecture = architecture_of(config)
-    if architecture == ARCHITECTURE:
-        head = head_from_tensors(config, tensors)
-    else:
-        head = _load_state(HEADS[architecture].head(config), tensors, tensors[EMBED_NAME].dtype)
+    head = HEADS[architecture_of(config)].head.from_checkpoint(config, tensors)
     out = Path(out if out is not None else run_dir / "export").resolve()
     meta = card_metadata(run_dir, checkpoint, why, out, config)
     card = {CARD_NAME: card_text(meta), METADATA_NAME: json.dumps(meta, indent=2) + "\n"}

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from eagle_online.errors import RecipeError
 from eagle_online.gguf_targets import BUILTIN_GGUF, resolve_builtin, resolve_gguf
+from eagle_online.heads import HEADS
+from eagle_online.heads.eagle3 import LOSS_DECAY, TTT_LENGTH
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -110,20 +112,24 @@ class TargetConfig(_Section):
         return self
 
 
+ARCHITECTURES = tuple(HEADS)  # draft.architecture: the registry's names, EAGLE-3 first (the default)
+
+
 class DraftConfig(_Section):
     """The draft head."""
 
-    architecture: Literal["LlamaForCausalLMEagle3", "LlamaForCausalLMEagle", "EagleOnlineMLPDraft"] = Field(
-        "LlamaForCausalLMEagle3", description="EAGLE-3, EAGLE-1/2 (LlamaForCausalLMEagle) or the MLP baseline"
+    architecture: Literal[ARCHITECTURES] = Field(
+        ARCHITECTURES[0], description="a registered head (eagle_online/heads): EAGLE-3, EAGLE-1/2 "
+        "(LlamaForCausalLMEagle) or the MLP baseline"
     )
     draft_vocab_size: int = Field(32000, gt=0)
-    ttt_length: int = Field(7, ge=1, description="training-time-test unroll steps (EAGLE-3)")
-    loss_decay: float = Field(0.8, gt=0, le=1, description="step k's loss is weighted decay**k (EAGLE-3)")
+    ttt_length: int = Field(TTT_LENGTH, ge=1, description="training-time-test unroll steps (EAGLE-3)")
+    loss_decay: float = Field(LOSS_DECAY, gt=0, le=1, description="step k's loss is weighted decay**k (EAGLE-3)")
     init_lm_head_from_target: bool = True
     compile: bool = Field(False, description="torch.compile the head's decoder layer (worth it on GPU; minutes of "
                           "compilation on CPU)")
     normalize_feature_scale: bool = Field(
-        True, description="EAGLE-3: divide fc's init and lr by the aux features' RMS (trainer._feature_scale)"
+        True, description="EAGLE-3: divide fc's init and lr by the aux features' RMS (Eagle3Head.calibrate)"
     )
     feature_scale: Literal["global", "per_layer"] = Field(
         "global", description="with normalize_feature_scale: one RMS over the three aux layers, or each layer's "

@@ -15,15 +15,11 @@ import torch
 from torch import nn
 
 from eagle_online.attention import VARLEN, DocumentLayout, register_varlen_attention
+from eagle_online.layout import default_aux_layer_ids, text_config
 from eagle_online.recipe import TargetConfig, resolve_target
 from eagle_online.sharded import full_params
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def default_aux_layer_ids(num_layers: int) -> list[int]:
-    """EAGLE-3's default feature layers [2, N//2, N-3] (both engines' defaults)."""
-    return [2, num_layers // 2, num_layers - 3]
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -40,7 +36,7 @@ def resolve_attn_implementation(name: str, device: torch.device, config=None) ->
     sliding-window model, which `varlen` does not implement. `varlen` is registered with
     transformers when chosen."""
     if name == "auto":
-        text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+        text = text_config(config) if config is not None else None
         sliding = text is not None and (
             (getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True))
             or "sliding_attention" in (getattr(text, "layer_types", None) or [])

@@ -57,14 +57,12 @@ from eagle_online.evaluate import BigramDrafter, evaluate, load_prompts
 from eagle_online.export import (
     BEST_FILE,
     ExportError,
-    aux_layer_ids_of,
     best_checkpoint,
-    check_aux_layer_ids,
     checkpoint_names,
     load_draft,
 )
-from eagle_online.heads import EAGLE3, architecture_of, build_head, configure_training, draft_config, drafter_for
-from eagle_online.heads.eagle3 import Eagle3Head
+from eagle_online.heads import architecture_of, build_head, draft_config, drafter_for
+from eagle_online.layout import aux_layer_ids_of, check_aux_layer_ids, default_aux_layer_ids
 from eagle_online.losses import expected_acceptance_length
 from eagle_online.metrics import installed, log_metrics, read_metrics, tau_figures, temperature_key, truncate_metrics
 from eagle_online.recipe import Recipe, RecipeError, resolve_asset, resolve_target
@@ -80,7 +78,7 @@ from eagle_online.report import (
     write_curves,
 )
 from eagle_online.sharded import full_shape, gathered_copy, parameter_counts
-from eagle_online.target import FrozenTarget, TargetOutput, decoder_layers, default_aux_layer_ids, load_tokenizer
+from eagle_online.target import FrozenTarget, TargetOutput, decoder_layers, load_tokenizer
 from eagle_online.timing import StepTimer
 
 CHECKPOINT_PREFIX = "step_"
@@ -248,25 +246,14 @@ class Trainer:
         aux_ids = r.target.aux_layer_ids or (aux_layer_ids_of(imported.config) if imported is not None else None)
         self.target = FrozenTarget(model, aux_ids, draft_ids.to(acc.device))
         head = self._build_head(vocab_size, d2t, t2d, imported)
-        feature_scale = self._feature_scale(head)
-        layer_scales = self._layer_feature_scales(head)
-        # fc's input columns, each divided by its layer's scale (per_layer), or all by one (global)
-        self._fc_column_scale = torch.tensor(layer_scales).repeat_interleave(head.fc.in_features // 3) \
-            if layer_scales else None
-        if isinstance(head, Eagle3Head) and imported is None:
-            with torch.no_grad():
-                head.fc.weight.div_(feature_scale if layer_scales is None else self._fc_column_scale)
+        calibration = head.calibrate(r.draft, self._first_batch_aux, fresh=imported is None)
         if r.draft.compile:
-            if not hasattr(head, "compile_layer"):
-                raise RecipeError(f"draft.compile: the {r.draft.architecture} head has no compiled path (EAGLE-3 only)")
             head.compile_layer()
         config = head.config
         if acc.is_main_process:
             config.to_json_file(self.run_dir / "draft_config.json")
             info = {"aux_layer_ids": self.target.aux_layer_ids, "target_num_layers": len(decoder_layers(model)),
-                    "feature_scale": feature_scale, "target_parameters": self.target_params}
-            if layer_scales:
-                info["layer_feature_scales"] = layer_scales
+                    **calibration, "target_parameters": self.target_params}
             revision = getattr(model.config, "_commit_hash", None)  # the hub's commit, when loaded from the hub
             if revision:
                 info["target_revision"] = revision
@@ -286,7 +273,7 @@ class Trainer:
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self._check_total_steps()
         self.head, self.optimizer = self.dist.parallelize_head(
-            head, param_groups=self._param_groups(head, feature_scale), lr=t.lr, betas=tuple(t.betas),
+            head, param_groups=head.param_groups(t.lr), lr=t.lr, betas=tuple(t.betas),
             weight_decay=t.weight_decay)
         warmup = int(t.warmup_ratio * self.total_steps)
         # on the optimizer itself (accelerate's wrapper steps it), stepped by us once per optimizer
@@ -334,7 +321,7 @@ class Trainer:
                        f"(training.mixed_precision={t.mixed_precision}); its weights and optimizer state fp32"),
             architecture=r.draft.architecture, head_params=sum(p.numel() for p in head.trainable_parameters()),
             draft_vocab=r.draft.draft_vocab_size,
-            ttt_length=r.draft.ttt_length if r.draft.architecture == EAGLE3 else None,
+            ttt_length=r.draft.ttt_length if "ttt_length" in head.SHOWN_SETTINGS else None,
             total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
             start_step=start[1]["step"] if start else 0, tokens_per_step_max=r.data.tokens_per_batch * per_step,
             tokens_per_step_mean=sum(b.num_tokens for b in batches) / max(1, len(batches)) * per_step,
@@ -348,50 +335,11 @@ class Trainer:
             launched_by_accelerate=launched_by_accelerate(),
         )
 
-    def _feature_scale(self, head) -> float:
-        """How large the EAGLE-3 fc's input is: the median per-token RMS of the target's aux features on
-        the first batch (1.0 for other heads, or with draft.normalize_feature_scale off).
-
-        fc's default init and Adam's per-weight step size both assume inputs of RMS ~1. Targets whose
-        residual stream is far larger (the tiny target's is ~1300 at layers 2-5, from Muon training;
-        measured fc(aux) RMS ~800 against ~0.2 for the layer's attention and MLP outputs) otherwise make
-        fc(aux) drown the rest of the draft's residual, and the embedding of the next token barely
-        reaches the logits: acc_0 crawls (tiny recipe, 500 steps: 0.32 without, 0.52 with).
-        Dividing fc's init and learning rate by the scale is the same as training on aux / scale with
-        the usual init and rate (the served weights stay plain EAGLE-3). A function of the recipe alone
-        (epoch 0's first batch), so a resumed run and every rank get the same; run_info.json records it."""
-        d = self.recipe.draft
-        if not isinstance(head, Eagle3Head) or not d.normalize_feature_scale or d.feature_scale != "global":
-            return 1.0
-        return float(self._first_batch_aux().pow(2).mean(-1).sqrt().median())
-
-    def _layer_feature_scales(self, head) -> list[float] | None:
-        """draft.feature_scale=per_layer: each aux layer's own median per-token RMS (a target's low, mid
-        and high layers can differ by orders of magnitude), for its third of fc's input columns: their
-        init is divided by it and their Adam step too (optimizer_step), which is training fc on each
-        layer divided by its scale, with fc still applied to the raw features. None otherwise."""
-        d = self.recipe.draft
-        if not isinstance(head, Eagle3Head) or not d.normalize_feature_scale or d.feature_scale != "per_layer":
-            return None
-        aux = self._first_batch_aux()
-        layers = aux.reshape(*aux.shape[:-1], 3, aux.shape[-1] // 3)
-        return [float(s) for s in layers.pow(2).mean(-1).sqrt().flatten(0, -2).median(0).values]
-
     def _first_batch_aux(self) -> torch.Tensor:
         """The target's aux features on epoch 0's first micro-batch: a function of the recipe alone."""
         batch = self._epoch_micro_batches(0)[0]
         device = self.accelerator.device
         return self.target(batch.input_ids.to(device), batch.position_ids.to(device)).aux_hidden.float()
-
-    def _param_groups(self, head, feature_scale: float) -> list[dict]:
-        """Trainable parameters in optimizer groups: EAGLE-3's fc at lr / feature_scale (see
-        _feature_scale), the rest at the recipe's lr (the first group's rate is the one logged)."""
-        params = head.trainable_parameters()
-        if feature_scale == 1.0:
-            return [{"params": params}]
-        fc = head.fc.weight
-        return [{"params": [p for p in params if p is not fc]},
-                {"params": [fc], "lr": self.recipe.training.lr / feature_scale}]
 
     def _import_draft(self, model):
         """The recipe's `draft.init_from` draft (any layout load_draft reads), checked against the recipe."""
@@ -418,12 +366,10 @@ class Trainer:
             head = build_head(config)
             full_lm_head = head.LM_HEAD == "full"
             lm_head = gathered_copy(self.target.lm_head_weight) if full_lm_head else self.target.lm_head_draft
-            pass_lm_head = r.draft.init_lm_head_from_target or r.draft.architecture != EAGLE3
             head.init_from_target(gathered_copy(self.target.embed_weight).float(),
-                                  lm_head.float().cpu() if pass_lm_head else None, d2t, t2d)
-        if hasattr(head, "set_draft_vocab"):  # heads whose teacher vocabulary is not part of their weights
-            head.set_draft_vocab(d2t)
-        configure_training(head, r.draft)
+                                  lm_head.float().cpu() if head.takes_target_lm_head(r.draft) else None, d2t, t2d)
+        head.set_draft_vocab(d2t)  # for heads whose teacher vocabulary is not part of their weights
+        head.configure_training(r.draft)
         return head
 
     def _draft_vocab(self, vocab_size: int, imported=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -531,14 +477,8 @@ class Trainer:
         """Clip, step the optimizer and the schedule, clear the gradients; returns the pre-clip norm.
         The step's last phase: the gradients are those the head_forward losses' backward accumulated."""
         grad_norm = self.accelerator.clip_grad_norm_(self.head.parameters(), self.recipe.training.max_grad_norm)
-        scale = self._fc_column_scale  # per_layer feature scale: fc's columns step at lr / their layer's scale
-        if scale is not None:
-            fc = self.unwrapped_head().fc.weight
-            before = fc.detach().clone()
-        self.optimizer.step()
-        if scale is not None:
-            with torch.no_grad():  # Adam's step is proportional to lr, so scaling the step scales the lr
-                fc.copy_(before + (fc - before) / scale.to(fc.device))
+        with self.unwrapped_head().optimizer_update():  # a head may rescale part of its update
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm

@@ -1,5 +1,5 @@
 """EAGLE-3 export: the exact serving names and shapes, config.json (including the layer-id trap), exact
-round trips through load_eagle3, refusals that leave the disk untouched, and exporting a run directory."""
+round trips through load_draft, refusals that leave the disk untouched, and exporting a run directory."""
 import importlib.util
 import json
 from pathlib import Path
@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 import eagle_online.export as export_mod
-from eagle_online.export import REQUIRED_TENSORS, ExportError, export_eagle3, export_run, load_eagle3
+from eagle_online.export import ExportError, export_head, export_run, load_draft
+from eagle_online.heads.eagle3 import TENSORS as REQUIRED_TENSORS
 from eagle_online.heads.eagle3 import DocumentLayout, Eagle3Head, eagle3_config
 
 VOCAB, DRAFT_VOCAB, LAYERS = 100, 40, 8
@@ -42,7 +43,7 @@ def _head(seed=0, target_hidden=None):
 
 
 def _export(head, out, ids=DEFAULT_IDS):
-    return export_eagle3(head, out, ids, LAYERS)
+    return export_head(head, out, ids, LAYERS)
 
 
 def _saved(path):
@@ -139,7 +140,7 @@ def test_explicit_ids_write_each_engine_convention_and_warn(tmp_path):
 def test_unservable_ids_are_refused(tmp_path, ids, layers):
     """Id 0 has no SGLang spelling; ids past the last layer or repeated (the defaults for N = 6) no engine serves."""
     with pytest.raises(ExportError, match="aux layer id"):
-        export_eagle3(_head(), tmp_path / "export", ids, layers)
+        export_head(_head(), tmp_path / "export", ids, layers)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -158,9 +159,9 @@ def test_load_of_export_reproduces_logits_exactly(tmp_path):
     head = _head()
     out = _export(head, tmp_path / "export")
     with pytest.raises(ExportError, match="embed_tokens"):
-        load_eagle3(out)
+        load_draft(out)
     embed = head.embed_tokens.weight.detach().clone()
-    loaded = load_eagle3(out, embed_weight=embed)
+    loaded = load_draft(out, embed_weight=embed)
     assert type(loaded) is Eagle3Head
     for name, t in head.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
@@ -288,7 +289,7 @@ def test_launch_export_entry_point(tmp_path, capsys):
     _fake_run(run, [("step_00000100", head)])
     assert cli.main(["--run", str(run), "--out", str(tmp_path / "served")]) == 0
     assert str(tmp_path / "served") in capsys.readouterr().out
-    loaded = load_eagle3(tmp_path / "served", embed_weight=head.embed_tokens.weight)
+    loaded = load_draft(tmp_path / "served", embed_weight=head.embed_tokens.weight)
     assert torch.equal(loaded.fc.weight, head.fc.weight)
     assert cli.main(["--run", str(tmp_path / "nowhere")]) == 2
     assert "not a run directory" in capsys.readouterr().err
@@ -311,7 +312,7 @@ def test_load_other_checkpoint_layouts(tmp_path, layout):
         weight_map = {k: shard for shard, keys in shards.items() for k in keys}
         (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     head.config.to_json_file(ckpt / "config.json")
-    loaded = load_eagle3(ckpt, embed_weight=head.embed_tokens.weight)
+    loaded = load_draft(ckpt, embed_weight=head.embed_tokens.weight)
     for name, t in head.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
 
@@ -321,7 +322,7 @@ def test_bf16_head_exports_and_loads_in_bf16(tmp_path):
     out = _export(head, tmp_path / "export")
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert _saved(out)["fc.weight"].dtype == torch.bfloat16
-    loaded = load_eagle3(out, embed_weight=head.embed_tokens.weight.float())
+    loaded = load_draft(out, embed_weight=head.embed_tokens.weight.float())
     assert loaded.fc.weight.dtype == loaded.embed_tokens.weight.dtype == torch.bfloat16
     assert loaded.rotary_emb.inv_freq.dtype == torch.float32
     assert torch.equal(loaded.lm_head.weight, head.lm_head.weight)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from eagle_online.export import export_run, load_eagle3
+from eagle_online.export import export_run, load_draft
 from eagle_online.recipe import load_recipe
 from eagle_online.trainer import Trainer
 
@@ -46,7 +46,7 @@ def test_per_layer_feature_scale_trains_each_block_at_its_scale_and_exports_plai
         assert float(block.median()) == pytest.approx(LR / s, rel=1e-3)
 
     # The export is the head's fc as it is, applied to raw features: the same loss on the same batch.
-    exported = load_eagle3(export_run(run, "last"), head.embed_tokens.weight.detach())
+    exported = load_draft(export_run(run, "last"), head.embed_tokens.weight.detach())
     assert torch.equal(exported.fc.weight, head.fc.weight.detach())
     exported.ttt_length = head.ttt_length
     with torch.no_grad():

@@ -15,20 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from eagle_online.export import (
-    EAGLE_TENSORS,
-    ExportError,
-    aux_layer_ids_of,
-    export_eagle,
-    export_eagle3,
-    export_mlp,
-    load_draft,
-)
+from eagle_online.export import ExportError, export_head, load_draft
 from eagle_online.heads import build_head, draft_config
+from eagle_online.heads.eagle import TENSORS as EAGLE_TENSORS
 from eagle_online.heads.eagle import EagleHead
 from eagle_online.heads.eagle3 import Eagle3Head
 from eagle_online.heads.mlp import ARCHITECTURE as MLP
 from eagle_online.heads.mlp import MLPHead
+from eagle_online.layout import aux_layer_ids_of
 from eagle_online.recipe import DraftConfig
 from tests.test_export import DEFAULT_IDS, DRAFT_VOCAB, LAYERS, VOCAB, _head, _saved, _target_config
 
@@ -94,7 +88,7 @@ def test_eagle3_layouts_load_and_export_the_same_tensors(tmp_path, layout):
     assert type(loaded) is Eagle3Head and loaded.config.draft_vocab_size == DRAFT_VOCAB
     dtype = {"official": torch.float16, "specforge": torch.bfloat16, "speculators": torch.float32}[layout]
     assert loaded.fc.weight.dtype == dtype
-    out = export_eagle3(loaded, tmp_path / "again", DEFAULT_IDS, LAYERS)
+    out = export_head(loaded, tmp_path / "again", DEFAULT_IDS, LAYERS)
     again = _saved(out)
     assert set(again) == set(_served(head))
     for name, t in _served(head).items():
@@ -112,7 +106,7 @@ def test_imported_layer_ids_keep_their_meaning(tmp_path):
     via_sglang = load_draft(_official(tmp_path, head, sglang_ids), embed_weight=head.embed_tokens.weight)
     assert aux_layer_ids_of(via_vllm.config) == aux_layer_ids_of(via_sglang.config) == [1, 3, 6]
     with pytest.warns(UserWarning, match="SGLang"):
-        out = export_eagle3(via_vllm, tmp_path / "again", aux_layer_ids_of(via_vllm.config), LAYERS)
+        out = export_head(via_vllm, tmp_path / "again", aux_layer_ids_of(via_vllm.config), LAYERS)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 3, 6]
     assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 2, 5]
@@ -150,7 +144,7 @@ def test_eagle1_export_is_the_engines_layout_and_loads_back(tmp_path, fc_bias):
     """Golden names/shapes (H 32, 4 heads × 8, 2 kv heads, I 64): layer 0 without input_layernorm, fc
     [H, 2H] (+bias), no embedding, no lm_head, no norm; config names both engines' architectures."""
     head = _eagle_head(fc_bias=fc_bias)
-    out = export_eagle(head, tmp_path / "export")
+    out = export_head(head, tmp_path / "export")
     saved = _saved(out)
     golden = {
         "fc.weight": (32, 64), "layers.0.self_attn.q_proj.weight": (32, 32),
@@ -182,7 +176,7 @@ def test_mlp_export_loads_back(tmp_path):
     head = build_head(draft_config(MLP, _target_config(), dc, VOCAB), dc)
     ref = _head()
     head.init_from_target(ref.embed_tokens.weight, torch.randn(DRAFT_VOCAB, 32), ref.d2t, ref.t2d)
-    out = export_mlp(head, tmp_path / "mlp")
+    out = export_head(head, tmp_path / "mlp")
     assert "embed_tokens.weight" not in _saved(out)
     loaded = load_draft(out, head.embed_tokens.weight)
     assert type(loaded) is MLPHead

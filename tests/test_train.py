@@ -141,8 +141,8 @@ def test_bf16_training_learns_and_its_export_reproduces_the_heads_logits(tmp_pat
     from (fp32 weights, the same kernels: bit-identical, under autocast as well)."""
     from transformers import LlamaConfig
 
-    from eagle_online.export import best_checkpoint, checkpoint_names, head_from_tensors, load_eagle3
-    from eagle_online.heads.eagle3 import DocumentLayout
+    from eagle_online.export import best_checkpoint, checkpoint_names, load_draft
+    from eagle_online.heads.eagle3 import DocumentLayout, head_from_tensors
     from eagle_online.recipe import ASSETS_DIR
 
     out = tmp_path / "run"
@@ -162,7 +162,7 @@ def test_bf16_training_learns_and_its_export_reproduces_the_heads_logits(tmp_pat
     trained = head_from_tensors(LlamaConfig.from_json_file(str(out / "draft_config.json")), tensors).to(device)
     embed = load_file(ASSETS_DIR / "tiny_chat" / "model.safetensors")["model.embed_tokens.weight"]
     # The export holds no embedding: an engine gives it the target's, here as the bf16 target holds it.
-    exported = load_eagle3(out / "export", embed_weight=embed.bfloat16().float()).to(device)
+    exported = load_draft(out / "export", embed_weight=embed.bfloat16().float()).to(device)
     g = torch.Generator().manual_seed(0)
     pos = torch.cat([torch.arange(50), torch.arange(30)])[None].to(device)
     aux = (torch.randn(1, 80, 3 * trained.config.hidden_size, generator=g) * 100).to(device)

@@ -40,7 +40,7 @@ def test_best_checkpoint_by_tau_is_kept_and_exported(tmp_path, monkeypatch):
 def test_launch_eval_measures_an_exported_draft(tmp_path, capsys):
     """An untrained tiny EAGLE-3 head, exported, measured by the entry point at T=0 and T=1 with the
     bigram beside it; the JSON carries τ, per-position acceptance and the text."""
-    from eagle_online.export import export_eagle3
+    from eagle_online.export import export_head
     from eagle_online.heads import build_head, draft_config
     from eagle_online.target import FrozenTarget, load_target_model
 
@@ -52,7 +52,7 @@ def test_launch_eval_measures_an_exported_draft(tmp_path, capsys):
     t2d = torch.zeros(4096, dtype=torch.bool)
     t2d[ids] = True
     head.init_from_target(target.embed_weight, target.lm_head_draft, ids - torch.arange(2048), t2d)
-    export_eagle3(head, tmp_path / "draft", [2, 4, 5], 8)
+    export_head(head, tmp_path / "draft", [2, 4, 5], 8)
 
     spec = importlib.util.spec_from_file_location("launch_eval", ROOT / "launch" / "eval.py")
     cli = importlib.util.module_from_spec(spec)

@@ -1,38 +1,35 @@
 """Draft heads, registered by the architecture name their exported config.json carries.
 
-Every head is trained the same way, `head(target_out, batch) -> HeadOutput` (heads/base.py), and run at
-inference by its drafter class. `build_head` makes one from the recipe's `draft` section and the
-target's config.
+Every head is a DraftHead (heads/base.py): trained the same way, `head(target_out, batch) -> HeadOutput`,
+built, calibrated, exported and loaded through its own methods, and run at inference by its drafter
+class. A new head is one module plus one line in HEADS; the recipe's `draft.architecture` takes the
+names registered here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
-from eagle_online.heads.base import Drafter
-from eagle_online.heads.eagle import ARCHITECTURE as EAGLE
-from eagle_online.heads.eagle import EagleDrafter, EagleHead, eagle_config
-from eagle_online.heads.eagle3 import ARCHITECTURE as EAGLE3
-from eagle_online.heads.eagle3 import Eagle3Head, eagle3_config
+from eagle_online.heads.base import Drafter, DraftHead
+from eagle_online.heads.eagle import EagleDrafter, EagleHead
+from eagle_online.heads.eagle3 import Eagle3Head
 from eagle_online.heads.eagle3_decode import Eagle3Drafter
-from eagle_online.heads.mlp import ARCHITECTURE as MLP
-from eagle_online.heads.mlp import MLPDrafter, MLPHead, mlp_config
+from eagle_online.heads.mlp import MLPDrafter, MLPHead
 
 
 @dataclass(frozen=True)
 class HeadSpec:
     """A registered head: its module class and the drafter that runs it at inference."""
 
-    head: type[nn.Module]
+    head: type[DraftHead]
     drafter: type[Drafter]
 
 
-HEADS: dict[str, HeadSpec] = {
-    EAGLE3: HeadSpec(Eagle3Head, Eagle3Drafter),
-    EAGLE: HeadSpec(EagleHead, EagleDrafter),
-    MLP: HeadSpec(MLPHead, MLPDrafter),
-}
+HEADS: dict[str, HeadSpec] = {spec.head.ARCHITECTURE: spec for spec in (
+    HeadSpec(Eagle3Head, Eagle3Drafter),
+    HeadSpec(EagleHead, EagleDrafter),
+    HeadSpec(MLPHead, MLPDrafter),
+)}
+EAGLE3 = Eagle3Head.ARCHITECTURE
 
 
 def head_spec(architecture: str) -> HeadSpec:
@@ -43,7 +40,7 @@ def head_spec(architecture: str) -> HeadSpec:
         raise ValueError(f"unknown draft architecture {architecture!r}; known: {sorted(HEADS)}") from None
 
 
-def head_class(architecture: str) -> type[nn.Module]:
+def head_class(architecture: str) -> type[DraftHead]:
     """The head class for an architecture name, or an error listing the known ones."""
     return head_spec(architecture).head
 
@@ -59,34 +56,17 @@ def architecture_of(config) -> str:
 
 def draft_config(architecture: str, target_config, draft_cfg, vocab_size: int):
     """The head's config for a target, from the recipe's `draft` section (`draft_cfg`)."""
-    if architecture == EAGLE3:
-        config = eagle3_config(target_config, draft_cfg.draft_vocab_size)
-    elif architecture == EAGLE:
-        config = eagle_config(target_config, fc_bias=draft_cfg.fc_bias)
-    elif architecture == MLP:
-        config = mlp_config(target_config, draft_cfg.draft_vocab_size, draft_cfg.mlp_blocks)
-    else:
-        head_spec(architecture)  # raises, naming the known ones
-    config.vocab_size = vocab_size
-    return config
+    return head_class(architecture).config_for(target_config, draft_cfg, vocab_size)
 
 
-def build_head(config, draft_cfg=None) -> nn.Module:
+def build_head(config, draft_cfg=None) -> DraftHead:
     """A fresh head for `config`, with the recipe's training settings when `draft_cfg` is given."""
-    head = head_spec(architecture_of(config)).head(config)
+    head = head_class(architecture_of(config))(config)
     if draft_cfg is not None:
-        configure_training(head, draft_cfg)
+        head.configure_training(draft_cfg)
     return head
 
 
-def configure_training(head: nn.Module, draft_cfg) -> None:
-    """Set the recipe's training-forward settings on a head (built fresh or loaded from a checkpoint)."""
-    if isinstance(head, Eagle3Head):
-        head.ttt_length, head.loss_decay = draft_cfg.ttt_length, draft_cfg.loss_decay
-    elif isinstance(head, EagleHead):
-        head.noise = draft_cfg.feature_noise
-
-
-def drafter_for(head: nn.Module) -> Drafter:
+def drafter_for(head: DraftHead) -> Drafter:
     """The inference-time drafter of a head."""
     return head_spec(architecture_of(head.config)).drafter(head)

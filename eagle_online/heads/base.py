@@ -8,12 +8,19 @@ the batch itself, and returns its loss and per-step metrics. At inference a head
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from eagle_online.errors import RecipeError
+from eagle_online.layout import EMBED_NAME, load_state
 from eagle_online.losses import StepMetrics
 
 
@@ -23,6 +30,97 @@ class HeadOutput:
 
     loss: torch.Tensor
     metrics: StepMetrics
+
+
+class DraftHead(nn.Module):
+    """What the trainer, the evaluation and the export ask of every draft head. A new head is one module
+    with a subclass of this and its Drafter, plus one line in heads/__init__.py's registry.
+
+    Class attributes: `ARCHITECTURE`, the name its config.json's `architectures` carries (the registry's
+    key and the recipe's `draft.architecture`); `SERVED_NAMES`, every architecture name that marks a
+    checkpoint in its layout (other engines' names for it too); `LM_HEAD`, "draft" when its lm_head holds
+    the target's draft-vocabulary rows, "full" when it reads the target's whole lm_head.
+
+    The training forward is `head(target_out, batch) -> HeadOutput`. The methods below have the defaults
+    of a head with nothing to set, calibrate or compile; a head overrides what it needs.
+    """
+
+    ARCHITECTURE: ClassVar[str]
+    SERVED_NAMES: ClassVar[tuple[str, ...]] = ()
+    LM_HEAD: ClassVar[str] = "draft"
+    # How the engines are told to run it: (SGLang's --speculative-algorithm, vLLM's speculative method),
+    # None when no engine serves it
+    SERVE_METHOD: ClassVar[tuple[str, str] | None] = None
+    SHOWN_SETTINGS: ClassVar[tuple[str, ...]] = ()  # the recipe's `draft` keys the banner and the card show
+
+    # -- building, from the recipe's `draft` section and the target
+    @classmethod
+    def config_for(cls, target_config, draft, vocab_size: int):
+        """The head's config for a target (a transformers config that saves as draft_config.json)."""
+        raise NotImplementedError
+
+    def configure_training(self, draft) -> None:
+        """Set the recipe's training-forward settings (on a head built fresh or loaded from a checkpoint)."""
+
+    def takes_target_lm_head(self, draft) -> bool:
+        """Whether init_from_target is given the target's lm_head (rows, or whole: LM_HEAD)."""
+        return True
+
+    def init_from_target(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor | None,
+                         d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+        """Copy what the head takes from the target, and the draft vocabulary maps."""
+        raise NotImplementedError
+
+    def set_draft_vocab(self, d2t: torch.Tensor) -> None:
+        """The draft vocabulary, for heads whose teacher vocabulary is not part of their weights."""
+
+    def compile_layer(self, **kwargs) -> None:
+        """torch.compile the head's hot path (draft.compile)."""
+        raise RecipeError(f"draft.compile: the {self.ARCHITECTURE} head has no compiled path (EAGLE-3 only)")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer trains: everything but the frozen copies of the target's weights."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- calibration and the optimizer
+    def calibrate(self, draft, first_batch_aux: Callable[[], torch.Tensor], *, fresh: bool) -> dict:
+        """Measure what the head's training needs from the target before step 1 (`first_batch_aux()` is
+        the target's aux features on epoch 0's first micro-batch, a function of the recipe alone) and
+        apply it, to the init too when `fresh` (not loaded from a checkpoint). Returns the figures for
+        run_info.json."""
+        return {"feature_scale": 1.0}
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The trainable parameters in optimizer groups (the first group's rate is the one logged)."""
+        return [{"params": self.trainable_parameters()}]
+
+    def optimizer_update(self) -> contextlib.AbstractContextManager:
+        """A context around the optimizer's step, for heads that rescale part of the update."""
+        return contextlib.nullcontext()
+
+    # -- serving
+    def serving_layout(self, aux_layer_ids: list[int] | None, target_num_layers: int | None
+                       ) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The config.json dict and the tensors of the head's export, checked (ExportError otherwise)."""
+        raise NotImplementedError
+
+    @classmethod
+    def reads(cls, raw_config: dict) -> bool:
+        """Whether a checkpoint's config.json is in this head's layout."""
+        names = raw_config.get("architectures") or []
+        return any(name in (cls.ARCHITECTURE, *cls.SERVED_NAMES) for name in names)
+
+    @classmethod
+    def from_checkpoint(cls, config, tensors: dict[str, torch.Tensor]) -> DraftHead:
+        """A head holding a training checkpoint's state_dict (the frozen copies included), in its dtype."""
+        return load_state(cls(config), tensors, tensors[EMBED_NAME].dtype)
+
+    @classmethod
+    def from_layout(cls, raw_config: dict, tensors: dict[str, torch.Tensor], where: Path,
+                    embed_weight: torch.Tensor | None, lm_head_weight: torch.Tensor | None) -> DraftHead:
+        """A head holding a checkpoint in its layout (`where` is its config.json, for messages); the
+        target's embedding and lm_head fill in what the checkpoint leaves out."""
+        raise NotImplementedError
 
 
 def frozen_copy(weight: torch.Tensor) -> torch.nn.Parameter:

@@ -23,9 +23,18 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding
 
-from eagle_online.heads.base import DraftStep, HeadOutput, LayerDrafter, draft_ids, frozen_copy
+from eagle_online.heads.base import DraftHead, DraftStep, HeadOutput, LayerDrafter, draft_ids, frozen_copy
 from eagle_online.heads.eagle3 import DocumentLayout, TTTAttention, eagle3_config, shift_left
 from eagle_online.heads.layers import RMSNorm, SwiGLUMLP
+from eagle_online.layout import (
+    EMBED_NAME,
+    add_legacy_rope,
+    check_tensors,
+    dtype_name,
+    load_state,
+    served_tensors,
+    with_embedding,
+)
 from eagle_online.losses import StepMetrics, TeacherTargets, linear_soft_cross_entropy
 
 # SGLang registers LlamaForCausalLMEagle; vLLM's EAGLEConfig turns each architecture not starting with
@@ -34,6 +43,22 @@ from eagle_online.losses import StepMetrics, TeacherTargets, linear_soft_cross_e
 # SGLang takes the first, vLLM maps it to an unknown name and takes the second.
 ARCHITECTURE = "LlamaForCausalLMEagle"
 VLLM_ARCHITECTURE = "EagleLlamaForCausalLM"
+
+# The served tensors: layer 0 without input_layernorm, fc over cat(embed, feature), no norm and no
+# lm_head (both engines use the target's lm_head and embedding). `fc.bias` is written when the head has
+# one (OPTIONAL_TENSORS). Shapes as in layout.expected_shapes.
+TENSORS: dict[str, tuple[str, ...]] = {
+    "fc.weight": ("H", "2*H"),
+    "layers.0.self_attn.q_proj.weight": ("A", "H"),
+    "layers.0.self_attn.k_proj.weight": ("KV", "H"),
+    "layers.0.self_attn.v_proj.weight": ("KV", "H"),
+    "layers.0.self_attn.o_proj.weight": ("H", "A"),
+    "layers.0.post_attention_layernorm.weight": ("H",),
+    "layers.0.mlp.gate_proj.weight": ("I", "H"),
+    "layers.0.mlp.up_proj.weight": ("I", "H"),
+    "layers.0.mlp.down_proj.weight": ("H", "I"),
+}
+OPTIONAL_TENSORS = {"fc.bias": ("H",)}
 
 
 def eagle_config(target_config, fc_bias: bool = True) -> LlamaConfig:
@@ -70,10 +95,13 @@ class EagleDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class EagleHead(nn.Module):
+class EagleHead(DraftHead):
     """EAGLE-1/2 head (see the module docstring). `noise` is the half-width of the uniform noise added
     to the input features in training; the loss weights are the paper's."""
 
+    ARCHITECTURE = ARCHITECTURE
+    SERVED_NAMES = (VLLM_ARCHITECTURE,)
+    SERVE_METHOD = ("EAGLE", "eagle")
     LM_HEAD = "full"  # reads its logits through the target's whole lm_head
 
     def __init__(self, config: LlamaConfig, noise: float = 0.1, feature_weight: float = 1.0,
@@ -106,9 +134,48 @@ class EagleHead(nn.Module):
         """The draft vocabulary the teacher comes over (training only: not part of the served weights)."""
         self.d2t = d2t.detach().clone().to(self.embed_tokens.weight.device)
 
-    def trainable_parameters(self):
-        """fc and the decoder layer (embedding and lm_head are the target's)."""
-        return [p for p in self.parameters() if p.requires_grad]
+    @classmethod
+    def config_for(cls, target_config, draft, vocab_size: int) -> LlamaConfig:
+        config = eagle_config(target_config, fc_bias=draft.fc_bias)
+        config.vocab_size = vocab_size
+        return config
+
+    def configure_training(self, draft) -> None:
+        self.noise = draft.feature_noise
+
+    def serving_layout(self, aux_layer_ids=None, target_num_layers=None):
+        """config.json naming both engines' architectures, and the layer-0 tensors, without embedding
+        or lm_head (the module docstring)."""
+        tensors = served_tensors(self, leave_out=(EMBED_NAME, "lm_head.weight"))
+        check_tensors(tensors, self.config, allow_embed=False, required=TENSORS, optional=OPTIONAL_TENSORS)
+        config = self.config.to_dict()
+        config.update(
+            architectures=[ARCHITECTURE, VLLM_ARCHITECTURE],
+            num_hidden_layers=1,
+            tie_word_embeddings=False,  # SGLang would read its lm_head from the embedding
+            eagle_fc_bias="fc.bias" in tensors,
+            dtype=dtype_name(tensors["fc.weight"].dtype),
+        )
+        # No `bias` key: vLLM's Llama layers read it as attention_bias.
+        config.pop("bias", None)
+        add_legacy_rope(config)
+        return config, tensors
+
+    @classmethod
+    def from_layout(cls, raw_config, tensors, where, embed_weight, lm_head_weight):
+        """Ours, SGLang's LlamaForCausalLMEagle, vLLM's EagleLlamaForCausalLM or an official EAGLE
+        release; embedding and lm_head are the target's unless the checkpoint carries them."""
+        config = LlamaConfig.from_dict(raw_config)
+        tensors = dict(tensors)
+        config.eagle_fc_bias = "fc.bias" in tensors
+        lm_shape = (config.vocab_size, config.hidden_size)
+        check_tensors({k: v for k, v in tensors.items() if k != "lm_head.weight"}, config, allow_embed=True,
+                      required=TENSORS, optional=OPTIONAL_TENSORS)
+        dtype = tensors["fc.weight"].dtype
+        with_embedding(tensors, lm_shape, dtype, EMBED_NAME, embed_weight, "embedding")
+        with_embedding(tensors, lm_shape, dtype, "lm_head.weight", lm_head_weight, "lm_head")
+        config.architectures = [ARCHITECTURE, VLLM_ARCHITECTURE]
+        return load_state(cls(config), tensors, dtype)
 
     def predict(self, features, token_ids, position_ids, layout: DocumentLayout) -> torch.Tensor:
         """The predicted next features [B, T, H] for packed rows."""

@@ -7,7 +7,10 @@ Tensor names follow the layout SGLang and vLLM load (`fc`, `midlayer.*`, `norm`,
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,17 +18,53 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from eagle_online.attention import DocumentLayout, causal_plus_diagonal_attention
-from eagle_online.heads.base import HeadOutput
+from eagle_online.heads.base import DraftHead, HeadOutput
 from eagle_online.heads.layers import RMSNorm, SwiGLUMLP
+from eagle_online.layout import (
+    EMBED_NAME,
+    ID_KEY,
+    ExportError,
+    add_legacy_rope,
+    check_aux_layer_ids,
+    check_tensors,
+    default_aux_layer_ids,
+    dtype_name,
+    expected_shapes,
+    load_state,
+    served_tensors,
+    text_config,
+    with_embedding,
+)
 from eagle_online.losses import StepMetrics, TeacherTargets, linear_soft_cross_entropy
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
+TTT_LENGTH, LOSS_DECAY = 7, 0.8  # the recipe's defaults (draft.ttt_length, draft.loss_decay)
+
+# Serving name → shape, in the head config's dimensions (layout.expected_shapes). q/k/v read
+# cat(embed, feature): 2H.
+TENSORS: dict[str, tuple[str, ...]] = {
+    "fc.weight": ("H", "3*Ht"),
+    "midlayer.input_layernorm.weight": ("H",),
+    "midlayer.hidden_norm.weight": ("H",),
+    "midlayer.self_attn.q_proj.weight": ("A", "2*H"),
+    "midlayer.self_attn.k_proj.weight": ("KV", "2*H"),
+    "midlayer.self_attn.v_proj.weight": ("KV", "2*H"),
+    "midlayer.self_attn.o_proj.weight": ("H", "A"),
+    "midlayer.post_attention_layernorm.weight": ("H",),
+    "midlayer.mlp.gate_proj.weight": ("I", "H"),
+    "midlayer.mlp.up_proj.weight": ("I", "H"),
+    "midlayer.mlp.down_proj.weight": ("H", "I"),
+    "norm.weight": ("H",),
+    "lm_head.weight": ("Vd", "H"),
+    "d2t": ("Vd",),
+    "t2d": ("V",),
+}
 
 
 def eagle3_config(target_config, draft_vocab_size: int) -> LlamaConfig:
     """The draft's LlamaConfig, derived from the target's: one layer with the target's attention
     shape, RoPE and MLP width, predicting over the draft vocabulary."""
-    text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    text = text_config(target_config)
     hidden = text.hidden_size
     heads = text.num_attention_heads
     return LlamaConfig(
@@ -138,16 +177,22 @@ class Eagle3DecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class Eagle3Head(nn.Module):
+class Eagle3Head(DraftHead):
     """EAGLE-3 draft head: fc fusion of low‖mid‖high target features, one decoder layer, a draft lm_head.
     `ttt_length` and `loss_decay` are the training forward's unroll settings."""
 
+    ARCHITECTURE = ARCHITECTURE
     LM_HEAD = "draft"  # its lm_head covers the draft vocabulary (initialised from the target's rows)
+    SERVE_METHOD = ("EAGLE3", "eagle3")
+    SHOWN_SETTINGS = ("ttt_length",)
 
-    def __init__(self, config: LlamaConfig, ttt_length: int = 7, loss_decay: float = 0.8):
+    def __init__(self, config: LlamaConfig, ttt_length: int = TTT_LENGTH, loss_decay: float = LOSS_DECAY):
         super().__init__()
         self.config = config
         self.ttt_length, self.loss_decay = ttt_length, loss_decay
+        # set by calibrate: fc's learning rate is lr / feature_scale (global), or each third of its input
+        # columns steps at lr / its layer's scale (per_layer, column_scale)
+        self.feature_scale, self.column_scale = 1.0, None
         h = config.hidden_size
         target_h = getattr(config, "target_hidden_size", None) or h
         self.embed_tokens = nn.Embedding(config.vocab_size, h)
@@ -169,6 +214,121 @@ class Eagle3Head(nn.Module):
             self.lm_head.weight.copy_(lm_head_draft)
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
+
+    @classmethod
+    def config_for(cls, target_config, draft, vocab_size: int) -> LlamaConfig:
+        config = eagle3_config(target_config, draft.draft_vocab_size)
+        config.vocab_size = vocab_size
+        return config
+
+    def configure_training(self, draft) -> None:
+        self.ttt_length, self.loss_decay = draft.ttt_length, draft.loss_decay
+
+    def takes_target_lm_head(self, draft) -> bool:
+        return draft.init_lm_head_from_target
+
+    def calibrate(self, draft, first_batch_aux, *, fresh: bool) -> dict:
+        """How large fc's input is: the median per-token RMS of the target's aux features on the first
+        batch, over all three layers (draft.feature_scale=global) or per layer (per_layer); nothing with
+        draft.normalize_feature_scale off.
+
+        fc's default init and Adam's per-weight step size both assume inputs of RMS ~1. Targets whose
+        residual stream is far larger (the tiny target's is ~1300 at layers 2-5, from Muon training;
+        measured fc(aux) RMS ~800 against ~0.2 for the layer's attention and MLP outputs) otherwise make
+        fc(aux) drown the rest of the draft's residual, and the embedding of the next token barely
+        reaches the logits: acc_0 crawls (tiny recipe, 500 steps: 0.32 without, 0.52 with).
+        Dividing fc's init (when `fresh`) and learning rate by the scale is the same as training on
+        aux / scale with the usual init and rate (the served weights stay plain EAGLE-3). A function of
+        the recipe alone (epoch 0's first batch), so a resumed run and every rank get the same;
+        run_info.json records it.
+
+        per_layer: a target's low, mid and high layers can differ by orders of magnitude, so each third
+        of fc's input columns gets its own layer's scale: their init is divided by it and their Adam
+        step too (optimizer_update), which is training fc on each layer divided by its scale, with fc
+        still applied to the raw features."""
+        if not draft.normalize_feature_scale:
+            return {"feature_scale": 1.0}
+        aux = first_batch_aux()
+        info = {}
+        if draft.feature_scale == "global":
+            self.feature_scale = float(aux.pow(2).mean(-1).sqrt().median())
+            divisor = self.feature_scale
+        else:
+            layers = aux.reshape(*aux.shape[:-1], 3, aux.shape[-1] // 3)
+            scales = [float(s) for s in layers.pow(2).mean(-1).sqrt().flatten(0, -2).median(0).values]
+            self.column_scale = torch.tensor(scales).repeat_interleave(self.fc.in_features // 3)
+            divisor = self.column_scale
+            info["layer_feature_scales"] = scales
+        if fresh:
+            with torch.no_grad():
+                self.fc.weight.div_(divisor)
+        return {"feature_scale": self.feature_scale, **info}
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """fc at lr / feature_scale (see calibrate), the rest at lr."""
+        params = self.trainable_parameters()
+        if self.feature_scale == 1.0:
+            return [{"params": params}]
+        fc = self.fc.weight
+        return [{"params": [p for p in params if p is not fc]}, {"params": [fc], "lr": lr / self.feature_scale}]
+
+    @contextlib.contextmanager
+    def optimizer_update(self):
+        """per_layer feature scale: fc's columns step at lr / their layer's scale (Adam's step is
+        proportional to lr, so scaling the step scales the lr)."""
+        if self.column_scale is None:
+            yield
+            return
+        fc = self.fc.weight
+        before = fc.detach().clone()
+        yield
+        with torch.no_grad():
+            fc.copy_(before + (fc - before) / self.column_scale.to(fc.device))
+
+    def serving_layout(self, aux_layer_ids, target_num_layers):
+        """config.json (serving_config: the layer-id trap) and the served tensors, without the embedding
+        (both engines use the target's)."""
+        if aux_layer_ids is None or target_num_layers is None:
+            raise ExportError("an EAGLE-3 export needs the aux layer ids and the target's number of layers")
+        tensors = served_tensors(self)
+        check_tensors(tensors, self.config, allow_embed=False, required=TENSORS)
+        return serving_config(self.config, aux_layer_ids, target_num_layers, tensors["fc.weight"].dtype), tensors
+
+    @classmethod
+    def reads(cls, raw_config: dict) -> bool:
+        return raw_config.get("speculators_model_type") is not None or super().reads(raw_config)
+
+    @classmethod
+    def from_checkpoint(cls, config, tensors):
+        return head_from_tensors(config, tensors)
+
+    @classmethod
+    def from_layout(cls, raw_config, tensors, where, embed_weight, lm_head_weight):
+        """Our export, the official EAGLE-3 releases (config.json + pytorch_model.bin, `midlayer.*`),
+        SpecForge/SGLang (model.safetensors with embed_tokens) or vLLM speculators
+        (`speculators_model_type: eagle3`, `layers.0.*`). embed_tokens comes from `embed_weight` (the
+        target's) when the checkpoint has none."""
+        if raw_config.get("speculators_model_type") is not None:
+            if raw_config["speculators_model_type"] != "eagle3":
+                raise ExportError(f"{where}: speculators_model_type {raw_config['speculators_model_type']!r}, "
+                                  "only eagle3 is read")
+            config = _speculators_eagle3_config(raw_config, where)
+        else:
+            config = LlamaConfig.from_dict(raw_config)
+            architectures = getattr(config, "architectures", None) or []
+            if ARCHITECTURE not in architectures:
+                raise ExportError(f"{where} has architectures {architectures}, expected [{ARCHITECTURE!r}]")
+            _eagle3_layer_ids(config)
+        if getattr(config, "draft_vocab_size", None) is None:
+            raise ExportError(f"{where} has no draft_vocab_size")
+        # vLLM-side writers (speculators) name the layer `layers.0.`; SGLang and EAGLE write `midlayer.`.
+        tensors = {("midlayer." + k[len("layers.0."):] if k.startswith("layers.0.") else k): v
+                   for k, v in tensors.items()}
+        bias = tensors.pop("fc.bias", None)
+        if bias is not None and bool(bias.any()):
+            raise ExportError(f"{Path(where).parent}: fc.bias is non-zero; EAGLE-3 as SGLang and vLLM serve it "
+                              "has no fc bias")
+        return head_from_tensors(config, tensors, embed_weight)
 
     def compile_layer(self, **kwargs) -> None:
         """torch.compile the decoder layer's two pieces around its attention (parameter names, hence
@@ -196,7 +356,7 @@ class Eagle3Head(nn.Module):
                            target.teacher_logits, target.teacher_in_draft, self.ttt_length, self.loss_decay)
 
     def unroll(self, aux_hidden, input_ids, position_ids, loss_mask, teacher_logits, teacher_in_draft,
-               ttt_length: int, loss_decay: float = 0.8) -> HeadOutput:
+               ttt_length: int, loss_decay: float = LOSS_DECAY) -> HeadOutput:
         """The TTT unroll over packed rows.
 
         Position t pairs the target feature g_t with embed(x_{t+1}) and learns the target's
@@ -233,6 +393,86 @@ class Eagle3Head(nn.Module):
             counts.append(len(rows))
         return HeadOutput(loss=loss, metrics=StepMetrics(losses, accs, counts))
 
-    def trainable_parameters(self):
-        """Everything but the frozen embedding."""
-        return [p for p in self.parameters() if p.requires_grad]
+
+def head_from_tensors(config, tensors, embed_weight: torch.Tensor | None = None) -> Eagle3Head:
+    """An Eagle3Head holding `tensors` (checked first), in their floating-point dtype. The embedding is
+    the checkpoint's when it has one, else `embed_weight` (the target's)."""
+    check_tensors(tensors, config, allow_embed=True, required=TENSORS)
+    tensors = dict(tensors)
+    dtype = tensors["fc.weight"].dtype
+    with_embedding(tensors, expected_shapes(config, TENSORS)[EMBED_NAME], dtype, EMBED_NAME, embed_weight,
+                   "embedding")
+    return load_state(Eagle3Head(config), tensors, dtype)
+
+
+def serving_config(config, aux_layer_ids, target_num_layers: int, dtype: torch.dtype) -> dict:
+    """The config.json dict both engines read, including the layer-id trap:
+
+    with the default ids no id is written anywhere (both engines' defaults agree); with other ids the
+    top-level field gets them as given (vLLM) and `eagle_config` gets them minus one (SGLang adds one),
+    with a warning because SGLang's reading changed across versions."""
+    ids = check_aux_layer_ids(aux_layer_ids, target_num_layers)
+    cfg = config.to_dict()  # every field explicit: engine and transformers defaults differ across versions
+    cfg.update(
+        architectures=[ARCHITECTURE],
+        num_hidden_layers=1,
+        draft_vocab_size=config.draft_vocab_size,
+        target_hidden_size=getattr(config, "target_hidden_size", None) or config.hidden_size,
+        tie_word_embeddings=False,  # true would make SGLang use the embedding as lm_head
+        norm_before_residual=False,  # vLLM's speculators format defaults it to True
+        dtype=dtype_name(dtype),
+    )
+    add_legacy_rope(cfg)
+    # Drop ids the head's config may carry (e.g. loaded from another checkpoint) before deciding.
+    cfg.pop(ID_KEY, None)
+    eagle_config = dict(cfg.pop("eagle_config", None) or {})
+    eagle_config.pop(ID_KEY, None)
+    default = default_aux_layer_ids(target_num_layers)
+    if ids != default:
+        if min(ids) < 1:
+            raise ExportError(
+                f"aux layer id 0 cannot be written for SGLang, which reads eagle_config ids as id - 1: got {ids}"
+            )
+        cfg[ID_KEY] = ids
+        eagle_config[ID_KEY] = [i - 1 for i in ids]
+        warnings.warn(
+            f"explicit aux layer ids {ids} (the defaults for a {target_num_layers}-layer target are {default}): "
+            f"wrote {ID_KEY}={ids} at the top level for vLLM and eagle_config.{ID_KEY}={[i - 1 for i in ids]} "
+            "for SGLang, which adds 1. SGLang's reading depends on its version (a 2026-05 change adds 1 only "
+            "when the first id is 1): check the acceptance rate after serving, a layer off gives ~1%.",
+            stacklevel=4,
+        )
+    if eagle_config:
+        cfg["eagle_config"] = eagle_config
+    return cfg
+
+
+def _speculators_eagle3_config(raw: dict, where: Path) -> LlamaConfig:
+    """The LlamaConfig of a vLLM speculators EAGLE-3 config.json (`speculators_model_type: eagle3`, the
+    layer's fields nested under `transformer_layer_config`; speculators/models/eagle3 config.py)."""
+    layer = raw.get("transformer_layer_config")
+    if not isinstance(layer, dict):
+        raise ExportError(f"{where}: a speculators config needs a `transformer_layer_config` mapping")
+    if raw.get("norm_before_residual", False):
+        raise ExportError(f"{where}: norm_before_residual is true; this head implements the original EAGLE-3 "
+                          "layer (hidden_norm after the residual is taken) only")
+    fields = {k: v for k, v in layer.items() if k not in ("architectures", "model_type", "transformers_version")}
+    config = LlamaConfig(**fields)
+    config.architectures = [ARCHITECTURE]
+    config.num_hidden_layers = 1
+    config.draft_vocab_size = raw.get("draft_vocab_size")
+    config.target_hidden_size = raw.get("target_hidden_size") or config.hidden_size
+    config.norm_before_residual = False
+    config.tie_word_embeddings = False
+    if raw.get(ID_KEY):  # vLLM's convention: captured as given, like ours
+        config.eagle_aux_hidden_state_layer_ids = list(raw[ID_KEY])
+    return config
+
+
+def _eagle3_layer_ids(config) -> None:
+    """Normalise a loaded config's explicit aux layer ids to ours (HF hidden_states index) at the top
+    level: vLLM reads the top-level field as given, SGLang reads `eagle_config`'s and adds one."""
+    top = getattr(config, ID_KEY, None)
+    nested = (getattr(config, "eagle_config", None) or {}).get(ID_KEY)
+    if not top and nested:
+        config.eagle_aux_hidden_state_layer_ids = [int(i) + 1 for i in nested]

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 from transformers import LlamaConfig
 
-from eagle_online.heads.base import Drafter, DraftStep, HeadOutput, frozen_copy, scatter_to_target
+from eagle_online.heads.base import Drafter, DraftHead, DraftStep, HeadOutput, frozen_copy, scatter_to_target
 from eagle_online.heads.eagle3 import DocumentLayout, shift_left
+from eagle_online.layout import EMBED_NAME, dtype_name, load_state, served_tensors, text_config, with_embedding
 from eagle_online.losses import StepMetrics, TeacherTargets, linear_soft_cross_entropy
 
 ARCHITECTURE = "EagleOnlineMLPDraft"
@@ -23,7 +24,7 @@ ARCHITECTURE = "EagleOnlineMLPDraft"
 
 def mlp_config(target_config, draft_vocab_size: int, num_blocks: int = 3) -> LlamaConfig:
     """The MLP draft's config (a LlamaConfig as a container, so it saves and loads like the others)."""
-    text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    text = text_config(target_config)
     return LlamaConfig(
         architectures=[ARCHITECTURE], hidden_size=text.hidden_size, num_hidden_layers=num_blocks,
         num_attention_heads=text.num_attention_heads, vocab_size=text.vocab_size,
@@ -31,9 +32,10 @@ def mlp_config(target_config, draft_vocab_size: int, num_blocks: int = 3) -> Lla
     )
 
 
-class MLPHead(nn.Module):
+class MLPHead(DraftHead):
     """Embedding → N × (Linear, ReLU, LayerNorm) → frozen draft-vocabulary lm_head."""
 
+    ARCHITECTURE = ARCHITECTURE
     LM_HEAD = "draft"
 
     def __init__(self, config: LlamaConfig):
@@ -60,9 +62,29 @@ class MLPHead(nn.Module):
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
 
-    def trainable_parameters(self):
-        """The blocks."""
-        return [p for p in self.parameters() if p.requires_grad]
+    @classmethod
+    def config_for(cls, target_config, draft, vocab_size: int) -> LlamaConfig:
+        config = mlp_config(target_config, draft.draft_vocab_size, draft.mlp_blocks)
+        config.vocab_size = vocab_size
+        return config
+
+    def serving_layout(self, aux_layer_ids=None, target_num_layers=None):
+        """Our own layout (no engine serves it): config.json, and the blocks, draft-vocabulary lm_head
+        rows and vocab maps, without the embedding."""
+        tensors = served_tensors(self)
+        config = self.config.to_dict()
+        config["dtype"] = dtype_name(tensors["lm_head.weight"].dtype)
+        return config, tensors
+
+    @classmethod
+    def from_layout(cls, raw_config, tensors, where, embed_weight, lm_head_weight):
+        """The MLP baseline's export; the embedding is the target's."""
+        config = LlamaConfig.from_dict(raw_config)
+        tensors = dict(tensors)
+        dtype = tensors["lm_head.weight"].dtype
+        with_embedding(tensors, (config.vocab_size, config.hidden_size), dtype, EMBED_NAME, embed_weight,
+                       "embedding")
+        return load_state(cls(config), tensors, dtype)
 
     def logits(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits of the token after each of `token_ids`."""
