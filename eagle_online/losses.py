@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eagle_online.precision import accumulation_dtype, matmul_dtype
+from eagle_online.precision import CHUNK_ELEMENTS, accumulation_dtype, matmul_dtype
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
@@ -33,13 +33,10 @@ def accuracy(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch
     return (student_logits.argmax(-1) == teacher_probs.argmax(-1)).float().mean()
 
 
-# Rows per chunk of a [rows × vocab] fp32 temporary: 2^26 elements (256 MB), so a 16k-token step with
-# a 32k draft vocab never holds more than a few such chunks at once.
-_CHUNK_ELEMENTS = 1 << 26
-
-
 def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
-    return chunk_rows or max(1, _CHUNK_ELEMENTS // vocab)
+    """Rows per chunk of a [rows × vocab] fp32 temporary (CHUNK_ELEMENTS), so a 16k-token step with a 32k
+    draft vocab never holds more than a few such chunks at once."""
+    return chunk_rows or max(1, CHUNK_ELEMENTS // vocab)
 
 
 @dataclass
@@ -161,10 +158,12 @@ class StepMetrics:
     accuracies: list[torch.Tensor]
     counts: list[int]
 
-    def as_dict(self) -> dict[str, float]:
+    def position_sums(self) -> dict[str, float]:
+        """Per step k: loss and accuracy summed over its positions, and the positions (trainer.per_position
+        divides them once a whole step's micro-batches and ranks are added)."""
         out: dict[str, float] = {}
-        for k, (loss, acc) in enumerate(zip(self.losses, self.accuracies)):
-            out[f"loss_{k}"] = float(loss)
-            out[f"acc_{k}"] = float(acc)
-        out["tau_hat"] = expected_acceptance_length([float(a) for a in self.accuracies])
+        for k, (loss, acc, n) in enumerate(zip(self.losses, self.accuracies, self.counts)):
+            out[f"sum_loss_{k}"] = float(loss) * n
+            out[f"sum_acc_{k}"] = float(acc) * n
+            out[f"positions_{k}"] = float(n)
         return out

@@ -62,7 +62,7 @@ from eagle_online.export import (
     load_draft,
 )
 from eagle_online.heads import architecture_of, build_head, draft_config, drafter_for
-from eagle_online.layout import aux_layer_ids_of, check_aux_layer_ids, default_aux_layer_ids
+from eagle_online.layout import aux_layer_ids_of, check_aux_layer_ids, default_aux_layer_ids, draft_ids
 from eagle_online.losses import expected_acceptance_length
 from eagle_online.metrics import installed, log_metrics, read_metrics, tau_figures, temperature_key, truncate_metrics
 from eagle_online.recipe import Recipe, RecipeError, resolve_asset, resolve_target
@@ -111,6 +111,22 @@ def advance(bar, metrics: dict[str, float]) -> None:
 def _flat(tree: dict) -> dict:
     """A nested recipe as flat scalar hyperparameters (what TensorBoard's hparams accept)."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(tree).items()}
+
+
+def per_position(metrics: dict[str, float]) -> dict[str, float]:
+    """Per-TTT-step loss_k and acc_k from their position sums (StepMetrics.position_sums, added over the
+    step's micro-batches and ranks): every trained position of the step counts alike, so acc_k is the
+    fraction of all positions predicted right. The logged `loss` is not: it is the mean over
+    micro-batches and ranks of each micro-batch's own loss, exactly what the gradient follows (each
+    micro-batch's loss / accumulation, DDP's average over ranks). A step with no position at step k
+    logs 0 there."""
+    out = {k: v for k, v in metrics.items() if not k.startswith(("sum_loss_", "sum_acc_", "positions_"))}
+    steps = sum(1 for k in metrics if k.startswith("positions_"))
+    for k in range(steps):
+        n = metrics[f"positions_{k}"]
+        out[f"loss_{k}"] = metrics[f"sum_loss_{k}"] / n if n else 0.0
+        out[f"acc_{k}"] = metrics[f"sum_acc_{k}"] / n if n else 0.0
+    return out
 
 
 def _with_tau_hat(metrics: dict[str, float]) -> dict[str, float]:
@@ -242,9 +258,8 @@ class Trainer:
         self.target_params = parameter_counts(model).total
         imported = self._import_draft(model) if r.draft.init_from else None
         d2t, t2d = self._draft_vocab(vocab_size, imported)
-        draft_ids = torch.arange(len(d2t)) + d2t
         aux_ids = r.target.aux_layer_ids or (aux_layer_ids_of(imported.config) if imported is not None else None)
-        self.target = FrozenTarget(model, aux_ids, draft_ids.to(acc.device))
+        self.target = FrozenTarget(model, aux_ids, draft_ids(d2t).to(acc.device))
         head = self._build_head(vocab_size, d2t, t2d, imported)
         calibration = head.calibrate(r.draft, self._first_batch_aux, fresh=imported is None)
         if r.draft.compile:
@@ -434,7 +449,8 @@ class Trainer:
         timer = timer or StepTimer()
         acc = self.accelerator
         ga = len(batches)
-        sums: dict[str, float] = {}
+        means: dict[str, float] = {}  # averaged over micro-batches and ranks, each alike
+        totals: dict[str, float] = {}  # added over micro-batches and ranks
         tokens = 0
         for m, batch in enumerate(batches):
             with timer.phase("data"):
@@ -450,17 +466,17 @@ class Trainer:
                 with timer.phase("head_backward"):
                     acc.backward(res.loss / ga)
             tokens += batch.num_tokens
-            for k, v in res.metrics.as_dict().items():
-                sums[k] = sums.get(k, 0.0) + v / ga
-            sums["loss"] = sums.get("loss", 0.0) + float(res.loss.detach()) / ga
-        sums["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step applies
+            for key, value in res.metrics.position_sums().items():
+                totals[key] = totals.get(key, 0.0) + value
+            means["loss"] = means.get("loss", 0.0) + float(res.loss.detach()) / ga
+        means["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step applies
         with timer.phase("optimizer"):
             grad_norm = self.optimizer_step()
-        sums["grad_norm"] = float(grad_norm)
-        sums["tokens"] = tokens
-        sums["time_target"] = timer.total("target", "teacher")
-        sums["time_head"] = timer.total("head_forward", "head_backward")
-        return _with_tau_hat(self._reduce(sums))
+        means["grad_norm"] = float(grad_norm)
+        means["time_target"] = timer.total("target", "teacher")
+        means["time_head"] = timer.total("head_forward", "head_backward")
+        totals["tokens"] = tokens
+        return _with_tau_hat(per_position(self._reduce(means, totals)))
 
     def to_device(self, batch: PackedBatch) -> PackedBatch:
         """The batch's tensors on this rank's device."""
@@ -484,17 +500,16 @@ class Trainer:
         return grad_norm
 
     # ------------------------------------------------------------------------------------ loop
-    def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Average metrics over ranks (tokens are summed)."""
+    def _reduce(self, means: dict[str, float], totals: dict[str, float] | None = None) -> dict[str, float]:
+        """Over ranks: `means` averaged (every rank alike), `totals` added. One collective."""
+        totals = totals or {}
         if self.world == 1:
-            return metrics
-        keys = sorted(metrics)
-        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
-        t = self.accelerator.reduce(t, reduction="sum")
-        out = {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
-        if "tokens" in out:
-            out["tokens"] = out["tokens"] * self.world
-        return out
+            return {**means, **totals}
+        keys = sorted(means) + sorted(totals)
+        values = [means[k] for k in sorted(means)] + [totals[k] for k in sorted(totals)]
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        t = self.accelerator.reduce(t, reduction="sum").tolist()
+        return {k: float(v) / (self.world if i < len(means) else 1) for i, (k, v) in enumerate(zip(keys, t))}
 
     def train(self) -> dict[str, float]:
         """Run from the current step to the end (or an interrupt); returns the last step's metrics."""

@@ -91,3 +91,23 @@ def test_teacher_targets_in_chunks():
     assert torch.equal(t.argmax, logits.float().argmax(-1))
     rows = torch.tensor([3, 0, 10])
     torch.testing.assert_close(t.probs(rows), logits.float().softmax(-1)[rows])
+
+
+def test_logged_step_figures_weight_every_trained_position_alike():
+    """A step's acc_k and loss_k are over all its positions (micro-batches with more trained positions
+    count more); the logged `loss` stays the mean of the micro-batches' own losses, as the gradient."""
+    from eagle_online.losses import StepMetrics
+    from eagle_online.trainer import per_position
+
+    small = StepMetrics([torch.tensor(4.0)], [torch.tensor(1.0)], [1])
+    large = StepMetrics([torch.tensor(2.0)], [torch.tensor(0.25)], [3])
+    totals: dict[str, float] = {}
+    for m in (small, large):
+        for key, value in m.position_sums().items():
+            totals[key] = totals.get(key, 0.0) + value
+    out = per_position({**totals, "loss": 3.0})
+    assert out["acc_0"] == pytest.approx((1.0 * 1 + 0.25 * 3) / 4)  # not (1.0 + 0.25) / 2
+    assert out["loss_0"] == pytest.approx((4.0 * 1 + 2.0 * 3) / 4)
+    assert out["loss"] == 3.0 and set(out) == {"loss", "loss_0", "acc_0"}
+    empty = StepMetrics([torch.tensor(0.0)], [torch.tensor(0.0)], [0]).position_sums()
+    assert per_position(empty) == {"loss_0": 0.0, "acc_0": 0.0}
