@@ -320,11 +320,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
             query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=mask, scale=scale)
         return out.transpose(1, 2), None
     layout, cu = kwargs.get("document_layout"), kwargs.get("cu_seq_lens_q")
-    if layout is not None:
-        pass
-    elif cu is not None:
+    if layout is None and cu is not None:
         layout = DocumentLayout.from_cu_seqlens(cu, torch.Size((b, t)), kwargs.get("max_length_q"))
-    else:
+    elif layout is None:
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(t, device=query.device).expand(b, t)

@@ -26,9 +26,15 @@ from pathlib import Path
 
 import torch
 
-from eagle_online.data.sources import DataError
+from eagle_online.data import prepare_data
+from eagle_online.data.roles import UnknownRoleError, to_messages
+from eagle_online.data.sources import DataError, iter_conversations, iter_jsonl
+from eagle_online.export import load_draft
+from eagle_online.heads import drafter_for
 from eagle_online.heads.base import Drafter, DraftStep
-from eagle_online.target import FrozenTarget
+from eagle_online.layout import aux_layer_ids_of, draft_ids
+from eagle_online.recipe import DataSource
+from eagle_online.target import FrozenTarget, load_target_model, load_tokenizer
 
 # -------------------------------------------------------------------------------------- prompts
 
@@ -57,8 +63,6 @@ def _prompt_from_record(record, where: str) -> EvalPrompt:
             raise DataError(f"{where}: `prompt` must be a non-empty string")
         return EvalPrompt(id=pid, turns=[record["prompt"]])
     if "messages" in record or "conversations" in record:
-        from eagle_online.data.roles import UnknownRoleError, to_messages
-
         try:
             messages = to_messages(record)
         except (UnknownRoleError, KeyError, TypeError) as e:
@@ -76,9 +80,6 @@ def load_prompts(path: str, limit: int | None = None, skip: int = 0) -> list[Eva
     records, or `builtin:sharegpt` (each conversation's opening up to its first reply, the first
     `skip` records left out)."""
     if path == "builtin:sharegpt":
-        from eagle_online.data.sources import iter_conversations
-        from eagle_online.recipe import DataSource
-
         out = []
         source = DataSource(path=path, skip_rows=skip, max_rows=(limit * 4 if limit else None))
         for i, messages in enumerate(iter_conversations(source)):
@@ -87,12 +88,10 @@ def load_prompts(path: str, limit: int | None = None, skip: int = 0) -> list[Eva
             if limit and len(out) >= limit:
                 break
         return out
-    from eagle_online.data.sources import _iter_jsonl
-
     file = Path(path)
     if not file.is_file():
         raise DataError(f"no prompts file {path}")
-    out = [_prompt_from_record(record, where) for where, record in _iter_jsonl(file)][skip:]
+    out = [_prompt_from_record(record, where) for where, record in iter_jsonl(file)][skip:]
     if limit:
         out = out[:limit]
     if not out:
@@ -363,11 +362,6 @@ def evaluate_draft(recipe, draft_dir, prompts_path: str, *, temperatures=(0.0,),
     `verbose` says on stderr what it is doing (reading and counting the data, each prompt decoded).
     Returns {"draft", "prompts", "results": {name: {str(T): EvalResult dict}}}."""
     say = _say if verbose else (lambda text, end="\n": None)
-    from eagle_online.export import load_draft
-    from eagle_online.heads import drafter_for
-    from eagle_online.layout import aux_layer_ids_of
-    from eagle_online.target import load_target_model, load_tokenizer
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(recipe.target)
     model = load_target_model(recipe.target, device)
@@ -376,14 +370,12 @@ def evaluate_draft(recipe, draft_dir, prompts_path: str, *, temperatures=(0.0,),
     head = head.to(device=device, dtype=dtype)
     aux_ids = recipe.target.aux_layer_ids or aux_layer_ids_of(head.config)
     d2t = getattr(head, "d2t", None)
-    ids = torch.arange(len(d2t), device=device) + d2t.to(device) if d2t is not None and d2t.numel() else \
+    ids = draft_ids(d2t.to(device)) if d2t is not None and d2t.numel() else \
         torch.zeros(1, dtype=torch.long, device=device)
     target = FrozenTarget(model, aux_ids, ids)
     prompts = load_prompts(prompts_path, limit=num_prompts, skip=skip_prompts)
     drafters = {"draft": drafter_for(head)}
     if bigram:
-        from eagle_online.data import prepare_data
-
         say(f"bigram: reading and tokenizing the recipe's data ({', '.join(s.path for s in recipe.data.sources)})")
         data = prepare_data(recipe.data, tokenizer)
         drafters["bigram"] = BigramDrafter.from_examples(

@@ -21,8 +21,11 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 from eagle_online.checkpoint import MANIFEST, damage, disk_full
+from eagle_online.errors import RecipeError
 from eagle_online.heads import HEADS, DraftHead, architecture_of
 from eagle_online.layout import CONFIG_NAME, WEIGHTS_NAME, ExportError
+from eagle_online.metrics import read_metrics, tau_figures
+from eagle_online.recipe import resolve_asset
 
 
 def export_head(head: DraftHead, out_dir, aux_layer_ids: list[int] | None = None,
@@ -212,8 +215,6 @@ def serve_commands(target: str, draft_dir, architecture: str) -> dict[str, str]:
 
 def serving_target(model: str) -> str:
     """The target as an engine is given it: a hub name as it is, `builtin:NAME` as its local directory."""
-    from eagle_online.recipe import RecipeError, resolve_asset
-
     try:
         return resolve_asset(model)
     except RecipeError:
@@ -236,8 +237,6 @@ def card_metadata(run_dir, checkpoint: str, why: str, out: Path, config) -> dict
     import time
 
     import yaml
-
-    from eagle_online.metrics import read_metrics, tau_figures
 
     run_dir = Path(run_dir)
     try:

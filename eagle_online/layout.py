@@ -110,18 +110,31 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], config, *, allow_embed: b
         check_vocab_maps(tensors["d2t"], tensors["t2d"])
 
 
-def check_vocab_maps(d2t: torch.Tensor, t2d: torch.Tensor) -> None:
-    """Draft id i is target id i + d2t[i]; t2d marks exactly those target ids. A head whose maps were
-    never filled in (all zeros) fails here rather than serving wrong tokens."""
-    ids = torch.arange(len(d2t)) + d2t.cpu()
+def draft_ids(d2t: torch.Tensor) -> torch.Tensor:
+    """The target ids of the draft vocabulary: draft id i is target id i + d2t[i]."""
+    return torch.arange(len(d2t), device=d2t.device) + d2t
+
+
+def vocab_maps_problem(d2t: torch.Tensor, t2d: torch.Tensor) -> str | None:
+    """What is wrong with a pair of vocabulary maps (None: nothing): draft id i is target id i + d2t[i],
+    and t2d marks exactly those target ids."""
+    ids, t2d = draft_ids(d2t.cpu()), t2d.cpu()
     if len(ids) and (ids.min() < 0 or ids.max() >= len(t2d)):
-        raise ExportError(f"tensor d2t maps draft ids outside the target vocabulary [0, {len(t2d)})")
-    t2d = t2d.cpu()
+        return f"d2t maps draft ids outside the target vocabulary [0, {len(t2d)})"
     if int(t2d.sum()) != len(d2t) or not bool(t2d[ids].all()):
-        raise ExportError(
-            "tensors d2t and t2d disagree: t2d must be True exactly at the target ids arange + d2t "
-            "(was the head's vocabulary map initialised, e.g. by init_from_target?)"
-        )
+        return "d2t and t2d disagree: t2d must be True exactly at the target ids arange + d2t"
+    return None
+
+
+def check_vocab_maps(d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+    """Raise ExportError for maps that would serve wrong tokens; a head whose maps were never filled in
+    (all zeros) fails here."""
+    problem = vocab_maps_problem(d2t, t2d)
+    if problem is not None and problem.startswith("d2t maps"):
+        raise ExportError(f"tensor {problem}")
+    if problem is not None:
+        raise ExportError(f"tensors {problem} (was the head's vocabulary map initialised, e.g. by "
+                          "init_from_target?)")
 
 
 def served_tensors(head: torch.nn.Module, leave_out: tuple[str, ...] = (EMBED_NAME,)) -> dict[str, torch.Tensor]:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from accelerate.tracking import GeneralTracker, on_main_process
 
+from eagle_online.errors import RecipeError
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -52,8 +54,6 @@ def installed(name: str) -> bool:
 def trackers(run_dir: str | Path, names=("jsonl", "tensorboard")) -> list:
     """The trackers a run logs to, for accelerate's `log_with`. TensorBoard that is not installed is left
     out (the banner says so: it is a default); a named wandb or mlflow that is not installed is an error."""
-    from eagle_online.recipe import RecipeError
-
     out: list = []
     for name in dict.fromkeys(names):
         if name == "jsonl":

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import torch
 
+# Elements per fp32 temporary that a chunked computation holds at once: 2^26 (256 MB). The fused loss
+# chunks its [rows × vocab] logits by it, SwiGLU's backward its [rows × intermediate] products.
+CHUNK_ELEMENTS = 1 << 26
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Where softmax, norms and sums accumulate: fp32, or fp64 for fp64 inputs (the exact tests)."""

@@ -12,6 +12,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eagle_online.export import tau_line, tau_table
+from eagle_online.metrics import read_metrics
+
 # A target above this many parameters is "not tiny": training it on a CPU is almost certainly a mistake
 # (a launcher config that asked for a GPU on a machine without CUDA trains on the CPU without a word).
 # The shipped tiny target has 2.7M; the smallest real chat models (SmolLM2-135M) are above it.
@@ -169,8 +172,6 @@ def format_summary(*, run_dir, name: str, steps: int, total_steps: int, start_st
                    curves: Path | None) -> str:
     """The summary at the end of a run. `final`: the last step's metrics; `tau`: export.tau_line's figures
     (last, best, floors, settings); `export`: {"path", "checkpoint", "why", "serve"} or {"skipped": reason}."""
-    from eagle_online.export import tau_line, tau_table
-
     accs = [final[f"acc_{k}"] for k in range(len(final)) if f"acc_{k}" in final]
     rate = tokens / train_wall if train_wall > 0 else 0.0
     done = "finished" if steps >= total_steps else "stopped"
@@ -267,8 +268,6 @@ def _panel(x0: float, y0: float, w: float, h: float, pts: list[tuple[int, float]
 
 def write_curves(run_dir, out: Path | None = None, title: str = "") -> Path | None:
     """Write RUN_DIR/curves.svg (or `out`) from metrics.jsonl, atomically; None when nothing was logged."""
-    from eagle_online.metrics import read_metrics
-
     rows = read_metrics(run_dir)
     if not any(r.get("step") for r in rows):
         return None

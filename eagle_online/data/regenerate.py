@@ -35,6 +35,7 @@ from eagle_online.data.prepare import source_labels
 from eagle_online.data.roles import SHAREGPT_NAMES
 from eagle_online.data.sources import DataError, iter_conversation_records
 from eagle_online.recipe import Recipe, RegenerateConfig, resolve_target
+from eagle_online.target import generation_attn_implementation, load_tokenizer, resolve_dtype
 
 ROW_KEY = "eagle_online_row"
 
@@ -202,8 +203,6 @@ def load_generator(recipe: Recipe, tokenizer, renderer: ChatRenderer):
             return VLLMGenerator(recipe, stop_token_ids(tokenizer, renderer))
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from eagle_online.target import generation_attn_implementation, resolve_dtype
-
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     target = recipe.target
@@ -235,8 +234,6 @@ def regenerate(
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} is not in [0, {num_shards})")
     if tokenizer is None:
-        from eagle_online.target import load_tokenizer
-
         tokenizer = load_tokenizer(recipe.target)
     cfg = recipe.regenerate
     renderer = ChatRenderer(tokenizer, recipe.data.chat_template_kwargs)

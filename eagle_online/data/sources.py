@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from eagle_online.data.roles import UnknownRoleError, to_messages
+from eagle_online.data.sharegpt_package import iter_sharegpt_package
 from eagle_online.errors import UserError
 from eagle_online.recipe import DataSource
 
@@ -101,11 +102,9 @@ def iter_records(source: DataSource) -> Iterator[tuple[str, object]]:
     stop = None if source.max_rows is None else source.skip_rows + source.max_rows
     path = source.path
     if path == BUILTIN_SHAREGPT:
-        from eagle_online.data.sharegpt_package import iter_sharegpt_package
-
         records = ((f"{path} record {i}", r) for i, r in enumerate(iter_sharegpt_package()))
     elif path in BUILTIN_FILES:
-        records = _iter_jsonl(BUILTIN_FILES[path])
+        records = iter_jsonl(BUILTIN_FILES[path])
     elif path.startswith("builtin:"):
         raise DataError(f"no built-in data source {path!r} (built-in: {', '.join([BUILTIN_SHAREGPT, *BUILTIN_FILES])})")
     elif path.endswith(LOCAL_SUFFIXES) or Path(path).is_file():
@@ -132,7 +131,7 @@ def _iter_local(path: Path) -> Iterator[tuple[str, object]]:
         yield from _iter_parquet(path)
         return
     if path.name.endswith(".jsonl.gz"):
-        yield from _iter_jsonl(path)
+        yield from iter_jsonl(path)
         return
     if path.suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: unknown file type (expected one of {LOCAL_SUFFIXES})")
@@ -145,7 +144,7 @@ def _iter_local(path: Path) -> Iterator[tuple[str, object]]:
     if path.suffix == ".json" and head.startswith("["):
         yield from _iter_json_list(path)
     else:
-        yield from _iter_jsonl(path)
+        yield from iter_jsonl(path)
 
 
 def _utf8(path: Path, raw: bytes, lineno: int = 1) -> str:
@@ -159,7 +158,7 @@ def _utf8(path: Path, raw: bytes, lineno: int = 1) -> str:
                         "file as UTF-8") from None
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, object]]:
+def iter_jsonl(path: Path) -> Iterator[tuple[str, object]]:
     try:
         with (gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")) as f:
             for lineno, raw in enumerate(f, start=1):

@@ -14,6 +14,10 @@ import numpy as np
 import torch
 
 from eagle_online.data.chat import TokenizedConversation
+from eagle_online.data.prepare import copies, iter_examples
+from eagle_online.layout import vocab_maps_problem
+from eagle_online.recipe import resolve_target
+from eagle_online.target import load_tokenizer
 
 _CHUNK = 1 << 20  # tokens per bincount, to bound memory on large corpora
 
@@ -111,9 +115,7 @@ def load_draft_vocab(path) -> tuple[torch.Tensor, torch.Tensor]:
 
         tensors = load_file(str(path))
     d2t, t2d = tensors["d2t"].long(), tensors["t2d"].bool()
-    ids = d2t + torch.arange(d2t.numel())
-    in_range = d2t.numel() == 0 or (int(ids.min()) >= 0 and int(ids.max()) < t2d.numel())
-    if not in_range or int(t2d.sum()) != d2t.numel() or not bool(t2d[ids].all()):
+    if vocab_maps_problem(d2t, t2d) is not None:
         raise ValueError(f"{path}: d2t and t2d describe different vocabularies")
     return d2t, t2d
 
@@ -140,8 +142,6 @@ def target_vocab_size(target_cfg) -> int:
     """The target's vocabulary size (its lm_head rows), read from its config without loading weights."""
     from transformers import AutoConfig
 
-    from eagle_online.recipe import resolve_target
-
     config = AutoConfig.from_pretrained(resolve_target(target_cfg), trust_remote_code=target_cfg.trust_remote_code)
     size = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
     return int(size)
@@ -151,11 +151,7 @@ def build_recipe_vocab(recipe, tokenizer=None, vocab_size: int | None = None, pa
     """Count a recipe's trained tokens in one streaming pass (weights applied, as the trainer counts
     them, but never holding the data), choose the draft vocabulary and write it where the trainer
     looks for it (`draft_vocab_path(run.output_dir)`, or `path`)."""
-    from eagle_online.data.prepare import copies, iter_examples
-
     if tokenizer is None:
-        from eagle_online.target import load_tokenizer
-
         tokenizer = load_tokenizer(recipe.target)
     vocab_size = vocab_size or target_vocab_size(recipe.target)
     counter = TrainedTokenCounter(vocab_size)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eagle_online.errors import RecipeError
-from eagle_online.layout import EMBED_NAME, load_state
+from eagle_online.layout import EMBED_NAME, draft_ids, load_state
 from eagle_online.losses import StepMetrics
 
 
@@ -126,11 +126,6 @@ class DraftHead(nn.Module):
 def frozen_copy(weight: torch.Tensor) -> torch.nn.Parameter:
     """A parameter holding a copy of a target weight that never trains (an embedding or lm_head)."""
     return torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
-
-
-def draft_ids(d2t: torch.Tensor) -> torch.Tensor:
-    """The target ids of the draft vocabulary: draft id i is target id i + d2t[i]."""
-    return torch.arange(len(d2t), device=d2t.device) + d2t
 
 
 @dataclass

@@ -23,13 +23,14 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding
 
-from eagle_online.heads.base import DraftHead, DraftStep, HeadOutput, LayerDrafter, draft_ids, frozen_copy
-from eagle_online.heads.eagle3 import DocumentLayout, TTTAttention, eagle3_config, shift_left
+from eagle_online.heads.base import DraftHead, DraftStep, HeadOutput, LayerDrafter, frozen_copy
+from eagle_online.heads.eagle3 import DocumentLayout, TTTAttention, eagle3_config, scored_rows, shift_left
 from eagle_online.heads.layers import RMSNorm, SwiGLUMLP
 from eagle_online.layout import (
     EMBED_NAME,
     add_legacy_rope,
     check_tensors,
+    draft_ids,
     dtype_name,
     load_state,
     served_tensors,
@@ -194,9 +195,7 @@ class EagleHead(DraftHead):
         feats = target.last_hidden
         noisy = feats + (torch.rand_like(feats) * 2 - 1) * self.noise if self.training and self.noise else feats
         pred = self.predict(noisy, shift_left(input_ids, 1), position_ids, layout)
-        valid = (shift_left(loss_mask, 2).bool() & (shift_left(layout.doc, 2, fill=-1) == layout.doc)
-                 & shift_left(target.teacher_in_draft, 1, fill=False))
-        rows = valid.reshape(-1).nonzero().squeeze(1)
+        rows = scored_rows(loss_mask, layout.doc, target.teacher_in_draft)
         pred = pred.reshape(b * t, -1)[rows].float()
         goal = feats.reshape(b * t, -1)[rows + 1].float()
         feature_loss = F.smooth_l1_loss(pred, goal) if len(rows) else pred.sum()

@@ -100,6 +100,16 @@ def shift_left(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
     return torch.cat([x[:, n:], pad], dim=1)
 
 
+def scored_rows(loss_mask: torch.Tensor, docs: torch.Tensor, teacher_in_draft: torch.Tensor, k: int = 0
+                ) -> torch.Tensor:
+    """Flat indices of the positions t whose step-k prediction is scored: x_{t+2+k} is trained
+    (loss_mask), lies in t's conversation, and the teacher's full-vocabulary argmax at t+1+k is a draft
+    token. t+2+k stays in the row, so rows+1+k does too."""
+    valid = (shift_left(loss_mask, 2 + k).bool() & (shift_left(docs, 2 + k, fill=-1) == docs)
+             & shift_left(teacher_in_draft, 1 + k, fill=False))
+    return valid.reshape(-1).nonzero().squeeze(1)
+
+
 class TTTAttention(nn.Module):
     """Attention over 2H-wide inputs (or `in_features`) with the TTT pattern: causal (within a conversation) over the
     step-0 keys, plus the keys each later step wrote at the query's own position.
@@ -379,12 +389,7 @@ class Eagle3Head(DraftHead):
         losses, accs, counts = [], [], []
         for k in range(ttt_length):
             hidden = self.step(hidden, shift_left(input_ids, 1 + k), position_ids + k, cache, layout)
-            valid = (
-                shift_left(loss_mask, 2 + k).bool()
-                & (shift_left(docs, 2 + k, fill=-1) == docs)
-                & shift_left(teacher_in_draft, 1 + k, fill=False)
-            )
-            rows = valid.reshape(-1).nonzero().squeeze(1)  # t+2+k stays in the row, so rows+1+k does too
+            rows = scored_rows(loss_mask, docs, teacher_in_draft, k)
             normed = self.norm(hidden.reshape(b * t, -1)[rows])
             step = linear_soft_cross_entropy(normed, self.lm_head.weight, teacher, rows + 1 + k)
             loss = loss + (loss_decay**k) * step.loss

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eagle_online.precision import accumulation_dtype, matmul_dtype
+from eagle_online.precision import CHUNK_ELEMENTS, accumulation_dtype, matmul_dtype
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -69,7 +69,6 @@ class RMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-_CHUNK_ELEMENTS = 1 << 26  # per fp32 temporary in SwiGLU's backward (256 MB)
 
 
 class _SwiGLUDown(torch.autograd.Function):
@@ -100,7 +99,7 @@ class _SwiGLUDown(torch.autograd.Function):
         if torch.compiler.is_compiling():
             chunks = [slice(None)]
         else:
-            step = max(1, _CHUNK_ELEMENTS // width)
+            step = max(1, CHUNK_ELEMENTS // width)
             chunks = [slice(s, s + step) for s in range(0, len(g_rows), step)]
         h = torch.empty(g_rows.shape, dtype=w.dtype, device=w.device)
         for c in chunks:  # the forward's product, recomputed the same way

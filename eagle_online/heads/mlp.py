@@ -15,7 +15,7 @@ from torch import nn
 from transformers import LlamaConfig
 
 from eagle_online.heads.base import Drafter, DraftHead, DraftStep, HeadOutput, frozen_copy, scatter_to_target
-from eagle_online.heads.eagle3 import DocumentLayout, shift_left
+from eagle_online.heads.eagle3 import DocumentLayout, scored_rows
 from eagle_online.layout import EMBED_NAME, dtype_name, load_state, served_tensors, text_config, with_embedding
 from eagle_online.losses import StepMetrics, TeacherTargets, linear_soft_cross_entropy
 
@@ -97,9 +97,7 @@ class MLPHead(DraftHead):
         input_ids, loss_mask = batch.input_ids, batch.loss_mask
         b, t = input_ids.shape
         doc = DocumentLayout.from_position_ids(batch.position_ids).doc
-        valid = (shift_left(loss_mask, 2).bool() & (shift_left(doc, 2, fill=-1) == doc)
-                 & shift_left(target.teacher_in_draft, 1, fill=False))
-        rows = valid.reshape(-1).nonzero().squeeze(1)
+        rows = scored_rows(loss_mask, doc, target.teacher_in_draft)
         hidden = self.blocks(self.embed_tokens(input_ids.reshape(-1)[rows + 1]).to(self.lm_head.weight.dtype))
         teacher = TeacherTargets.from_logits(target.teacher_logits.reshape(b * t, -1))
         ce = linear_soft_cross_entropy(hidden, self.lm_head.weight, teacher, rows + 1)
