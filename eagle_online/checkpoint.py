@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from eagle_online.errors import UserError
+from eagle_online.layout import ExportError
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -240,3 +241,54 @@ def lock_run_dir(run_dir: Path) -> IO[bytes]:
     os.ftruncate(f.fileno(), 0)
     os.pwrite(f.fileno(), f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
     return f
+
+
+# ---------------------------------------------------------------- a run's checkpoints by name
+CHECKPOINT_PREFIX = "step_"
+
+
+def checkpoint_names(run_dir) -> list[str]:
+    """A run's complete checkpoints (a `.tmp` one was interrupted while being written), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and "." not in p.name and (p / WEIGHTS).exists())
+
+
+BEST_FILE = "best.json"
+
+
+def best_checkpoint(run_dir) -> dict | None:
+    """The run's best checkpoint by τ, as training recorded it ({"checkpoint", "step", "tau"}), if it
+    still exists."""
+    path = Path(run_dir) / "checkpoints" / BEST_FILE
+    if not path.exists():
+        return None
+    best = json.loads(path.read_text())
+    return best if best.get("checkpoint") in checkpoint_names(run_dir) else None
+
+
+def choose_checkpoint(run_dir, which: str = "last", min_prompts: int = 8) -> tuple[str, str]:
+    """Which checkpoint to export, and why: `last` (the newest complete one), `best` (the best by τ that
+    training recorded, when it was measured on at least `min_prompts` prompts; else the last, saying so),
+    or a checkpoint's name."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExportError(f"{run_dir} is not a run directory: no such directory")
+    names = checkpoint_names(run_dir)
+    if not names:
+        raise ExportError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
+    if which not in ("best", "last"):
+        if which not in names:
+            raise ExportError(f"no complete checkpoint {which!r} under {run_dir / 'checkpoints'}; found {names}")
+        return which, "as asked"
+    if which == "best":
+        best = best_checkpoint(run_dir)
+        if best is None:
+            return names[-1], "the last step: no best by τ was recorded (training.eval.every unset?)"
+        prompts = int(best.get("prompts", 0))
+        if prompts < min_prompts:
+            return names[-1], (f"the last step: the best τ ({best['tau']:.3f} at step {best['step']}) was measured on "
+                               f"{prompts} prompts, fewer than the {min_prompts} a choice by τ needs")
+        return best["checkpoint"], f"the best τ, {best['tau']:.3f} over {prompts} prompts"
+    return names[-1], "the last step"

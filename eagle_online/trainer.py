@@ -22,11 +22,15 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
 from eagle_online.checkpoint import (
+    BEST_FILE,
+    CHECKPOINT_PREFIX,
     EXTEND_KEYS,
     SCHEDULER,
     TRAINER_STATE,
     WEIGHTS,
     CheckpointError,
+    best_checkpoint,
+    checkpoint_names,
     damage,
     data_fingerprint,
     differing_keys,
@@ -54,15 +58,9 @@ from eagle_online.data.vocab import (
 )
 from eagle_online.distributed import setup_distributed
 from eagle_online.evaluate import BigramDrafter, evaluate, load_prompts
-from eagle_online.export import (
-    BEST_FILE,
-    ExportError,
-    best_checkpoint,
-    checkpoint_names,
-    load_draft,
-)
+from eagle_online.export import load_draft
 from eagle_online.heads import architecture_of, build_head, draft_config, drafter_for
-from eagle_online.layout import aux_layer_ids_of, check_aux_layer_ids, default_aux_layer_ids, draft_ids
+from eagle_online.layout import ExportError, aux_layer_ids_of, check_aux_layer_ids, default_aux_layer_ids, draft_ids
 from eagle_online.losses import expected_acceptance_length
 from eagle_online.metrics import installed, log_metrics, read_metrics, tau_figures, temperature_key, truncate_metrics
 from eagle_online.recipe import Recipe, RecipeError, resolve_asset, resolve_target
@@ -81,7 +79,6 @@ from eagle_online.sharded import full_shape, gathered_copy, parameter_counts
 from eagle_online.target import FrozenTarget, TargetOutput, decoder_layers, load_tokenizer
 from eagle_online.timing import StepTimer
 
-CHECKPOINT_PREFIX = "step_"
 # What a run writes into run.output_dir (training.overwrite=true removes these, nothing else: a
 # `regenerated/` data folder or the lock stay).
 RUN_FILES = ("checkpoints", "metrics.jsonl", "export", "tensorboard", "recipe.yaml", "run_info.json",

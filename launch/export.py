@@ -10,8 +10,9 @@ the new one is complete.
 import argparse
 import sys
 
+from eagle_online.checkpoint import choose_checkpoint
 from eagle_online.errors import UserError
-from eagle_online.export import choose_checkpoint, export_run
+from eagle_online.export import export_run
 
 
 def main(argv=None) -> int:

@@ -19,9 +19,10 @@ current step finishes, a checkpoint is written, and running the same command aga
 import argparse
 import sys
 
+from eagle_online.checkpoint import choose_checkpoint
 from eagle_online.distributed import exit_process
 from eagle_online.errors import UserError
-from eagle_online.export import choose_checkpoint, export_run, serve_commands, serving_target
+from eagle_online.export import export_run, serve_commands, serving_target
 from eagle_online.plan import format_plan, target_shapes
 from eagle_online.recipe import RecipeError, load_recipe
 from eagle_online.trainer import Trainer

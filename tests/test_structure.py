@@ -109,3 +109,20 @@ def test_every_docs_reference_resolves():
                     missing.append(f"{path.relative_to(root)}: {link}")
     assert seen > 10  # the pattern finds the references there are
     assert missing == []
+
+
+def _names_imported_from(path: Path) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.setdefault(node.module, set()).update(a.name for a in node.names)
+    return out
+
+
+def test_the_trainer_reaches_heads_through_the_registry_and_writes_no_export():
+    """Per-head behaviour lives in the heads (DraftHead's methods): the trainer imports no head module or
+    class, only the registry's functions, and from export.py only the reader of existing drafts."""
+    imported = _names_imported_from(PACKAGE / "trainer.py")
+    assert not [m for m in imported if m.startswith("eagle_online.heads.")]
+    assert imported["eagle_online.heads"] <= {"architecture_of", "build_head", "draft_config", "drafter_for"}
+    assert imported.get("eagle_online.export", set()) <= {"load_draft"}

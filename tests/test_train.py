@@ -141,7 +141,8 @@ def test_bf16_training_learns_and_its_export_reproduces_the_heads_logits(tmp_pat
     from (fp32 weights, the same kernels: bit-identical, under autocast as well)."""
     from transformers import LlamaConfig
 
-    from eagle_online.export import best_checkpoint, checkpoint_names, load_draft
+    from eagle_online.checkpoint import best_checkpoint, checkpoint_names
+    from eagle_online.export import load_draft
     from eagle_online.heads.eagle3 import DocumentLayout, head_from_tensors
     from eagle_online.recipe import ASSETS_DIR
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from eagle_online.export import best_checkpoint, checkpoint_names, export_run
+from eagle_online.checkpoint import best_checkpoint, checkpoint_names
+from eagle_online.export import export_run
 from eagle_online.metrics import read_metrics
 from eagle_online.recipe import load_recipe
 from eagle_online.trainer import Trainer

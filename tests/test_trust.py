@@ -18,8 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from eagle_online.checkpoint import CheckpointError, differing_keys, lock_run_dir, recipe_fingerprint
-from eagle_online.export import choose_checkpoint
+from eagle_online.checkpoint import CheckpointError, choose_checkpoint, differing_keys, lock_run_dir, recipe_fingerprint
 from eagle_online.metrics import read_metrics
 from eagle_online.recipe import RecipeError, load_recipe
 
