@@ -98,8 +98,10 @@ def _curve(run_dir, untrained: dict, trained: dict, tokens_per_batch: int) -> li
     return [points[s] for s in sorted(points)]
 
 
-def run_quality(args, log=print) -> dict:
-    """Train and measure every head (see the module docstring); returns the report."""
+def run_quality(args, log=print, save=None) -> dict:
+    """Train and measure every head (see the module docstring); returns the report. `save(report)` is
+    called after each head with the report so far, so a run stopped during a later head keeps the
+    earlier ones."""
     import torch
 
     from eagle_online.evaluate import BigramDrafter, load_prompts
@@ -160,6 +162,8 @@ def run_quality(args, log=print) -> dict:
             }
             if args.curve_every_steps:
                 report["curves"][name] = _curve(run_dir, untrained, trained, args.tokens_per_batch)
+            if save is not None:
+                save(report)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -272,14 +276,17 @@ def main(args) -> int:
         raise SystemExit("error: --plot draws the learning curves: add --curve-every N")
     if args.plot:
         _pyplot()  # fail before hours of training, not after
-    report = run_quality(args)
+    def save(report: dict) -> None:  # after every head: a run stopped later keeps what it measured
+        if args.out:
+            tmp = args.out.with_name(args.out.name + ".tmp")
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            tmp.replace(args.out)
+        if args.plot and report["curves"]:
+            plot_tau_curves(report, args.plot)
+
+    report = run_quality(args, save=save)
     print(format_table(report))
     if "ordering_eagle3_gt_eagle1_gt_mlp_at_T1" in report:
         print(f"EAGLE-3 > EAGLE-1 > MLP at T=1: {report['ordering_eagle3_gt_eagle1_gt_mlp_at_T1']}")
-    if args.out:
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(args.out)
-    if args.plot:
-        plot_tau_curves(report, args.plot)
+    save(report)
     return 0
