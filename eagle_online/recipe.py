@@ -144,6 +144,18 @@ class DraftConfig(_Section):
         "continue training from; its vocabulary map replaces counting one",
     )
 
+    @model_validator(mode="after")
+    def _settings_of_the_chosen_head(self):
+        """A key that only another head reads (its SETTINGS), set to other than its default, is refused
+        rather than ignored (a whole dumped recipe carries every key at its default: accepted)."""
+        own = HEADS[self.architecture].head.SETTINGS
+        for name, spec in HEADS.items():
+            for key in sorted(set(spec.head.SETTINGS) - set(own)):
+                if getattr(self, key) != type(self).model_fields[key].default:
+                    raise ValueError(f"{key} is a setting of the {name} head, not of {self.architecture}: remove it "
+                                     "(or choose that draft.architecture)")
+        return self
+
 
 class EvalConfig(_Section):
     """τ by speculative decoding on held-out prompts during training (eagle_online.evaluate)."""

@@ -73,3 +73,24 @@ def test_builtin_assets_are_model_folders_only():
     with pytest.raises(RecipeError, match=r"no built-in asset 'builtin:smollm2_replies.jsonl.gz' .*tiny_chat") as e:
         resolve_asset("builtin:smollm2_replies.jsonl.gz")
     assert "jsonl" not in str(e.value).split("built-in:")[-1]
+
+
+@pytest.mark.parametrize("recipe, override, owner", [
+    ("tiny_mlp", "draft.ttt_length=3", "LlamaForCausalLMEagle3"),
+    ("tiny_eagle3", "draft.mlp_blocks=2", "EagleOnlineMLPDraft"),
+    ("tiny_eagle3", "draft.feature_noise=0.2", "LlamaForCausalLMEagle"),
+    ("tiny_eagle1", "draft.compile=true", "LlamaForCausalLMEagle3"),
+])
+def test_a_setting_of_another_head_is_refused_not_ignored(recipe, override, owner):
+    key = override.split("=")[0].removeprefix("draft.")
+    with pytest.raises(RecipeError, match=f"{key} is a setting of the {owner} head"):
+        load_recipe(recipe, [override])
+    assert load_recipe(recipe, []).draft.architecture != owner  # the recipe itself is another head's
+
+
+def test_draft_architectures_are_the_registry():
+    from eagle_online.heads import HEADS
+    from eagle_online.recipe import DraftConfig
+
+    assert DraftConfig.model_fields["architecture"].annotation.__args__ == tuple(HEADS)
+    assert DraftConfig().architecture == "LlamaForCausalLMEagle3"

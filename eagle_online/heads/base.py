@@ -51,6 +51,8 @@ class DraftHead(nn.Module):
     # How the engines are told to run it: (SGLang's --speculative-algorithm, vLLM's speculative method),
     # None when no engine serves it
     SERVE_METHOD: ClassVar[tuple[str, str] | None] = None
+    # The recipe's `draft` keys only this head reads: the recipe refuses them under another architecture
+    SETTINGS: ClassVar[tuple[str, ...]] = ()
     SHOWN_SETTINGS: ClassVar[tuple[str, ...]] = ()  # the recipe's `draft` keys the banner and the card show
 
     # -- building, from the recipe's `draft` section and the target

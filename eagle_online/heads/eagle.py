@@ -103,6 +103,7 @@ class EagleHead(DraftHead):
     ARCHITECTURE = ARCHITECTURE
     SERVED_NAMES = (VLLM_ARCHITECTURE,)
     SERVE_METHOD = ("EAGLE", "eagle")
+    SETTINGS = ("fc_bias", "feature_noise")
     LM_HEAD = "full"  # reads its logits through the target's whole lm_head
 
     def __init__(self, config: LlamaConfig, noise: float = 0.1, feature_weight: float = 1.0,

@@ -194,6 +194,8 @@ class Eagle3Head(DraftHead):
     ARCHITECTURE = ARCHITECTURE
     LM_HEAD = "draft"  # its lm_head covers the draft vocabulary (initialised from the target's rows)
     SERVE_METHOD = ("EAGLE3", "eagle3")
+    SETTINGS = ("ttt_length", "loss_decay", "normalize_feature_scale", "feature_scale", "init_lm_head_from_target",
+                "compile")
     SHOWN_SETTINGS = ("ttt_length",)
 
     def __init__(self, config: LlamaConfig, ttt_length: int = TTT_LENGTH, loss_decay: float = LOSS_DECAY):

@@ -37,6 +37,7 @@ class MLPHead(DraftHead):
 
     ARCHITECTURE = ARCHITECTURE
     LM_HEAD = "draft"
+    SETTINGS = ("mlp_blocks",)
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
