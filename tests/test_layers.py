@@ -71,7 +71,7 @@ def test_swiglu_mlp_matches_llama_mlp(dtype, autocast, tol, chunked, monkeypatch
     from eagle_online.heads.layers import SwiGLUMLP
 
     if chunked:
-        monkeypatch.setattr(layers, "_CHUNK_ELEMENTS", 56 * 5)  # 5 of the 33 rows at a time
+        monkeypatch.setattr(layers, "CHUNK_ELEMENTS", 56 * 5)  # 5 of the 33 rows at a time
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=24, intermediate_size=56, hidden_act="silu", num_attention_heads=4)
