@@ -63,7 +63,7 @@ def _is_replaceable(path: Path) -> bool:
         return True
     try:
         names = json.loads((path / CONFIG_NAME).read_text()).get("architectures", [])
-        served = {n for spec in HEADS.values() for n in (spec.head.ARCHITECTURE, *spec.head.SERVED_NAMES)}
+        served = {n for spec in HEADS.values() for n in spec.head.served_names()}
         return any(name in served for name in names)
     except (OSError, ValueError, AttributeError):
         return False

@@ -117,24 +117,21 @@ def draft_ids(d2t: torch.Tensor) -> torch.Tensor:
 
 def vocab_maps_problem(d2t: torch.Tensor, t2d: torch.Tensor) -> str | None:
     """What is wrong with a pair of vocabulary maps (None: nothing): draft id i is target id i + d2t[i],
-    and t2d marks exactly those target ids."""
+    and t2d marks exactly those target ids. A head whose maps were never filled in (all zeros) fails."""
     ids, t2d = draft_ids(d2t.cpu()), t2d.cpu()
     if len(ids) and (ids.min() < 0 or ids.max() >= len(t2d)):
-        return f"d2t maps draft ids outside the target vocabulary [0, {len(t2d)})"
+        return f"tensor d2t maps draft ids outside the target vocabulary [0, {len(t2d)})"
     if int(t2d.sum()) != len(d2t) or not bool(t2d[ids].all()):
-        return "d2t and t2d disagree: t2d must be True exactly at the target ids arange + d2t"
+        return ("tensors d2t and t2d disagree: t2d must be True exactly at the target ids arange + d2t "
+                "(was the head's vocabulary map initialised, e.g. by init_from_target?)")
     return None
 
 
 def check_vocab_maps(d2t: torch.Tensor, t2d: torch.Tensor) -> None:
-    """Raise ExportError for maps that would serve wrong tokens; a head whose maps were never filled in
-    (all zeros) fails here."""
+    """Raise ExportError for maps that would serve wrong tokens."""
     problem = vocab_maps_problem(d2t, t2d)
-    if problem is not None and problem.startswith("d2t maps"):
-        raise ExportError(f"tensor {problem}")
     if problem is not None:
-        raise ExportError(f"tensors {problem} (was the head's vocabulary map initialised, e.g. by "
-                          "init_from_target?)")
+        raise ExportError(problem)
 
 
 def served_tensors(head: torch.nn.Module, leave_out: tuple[str, ...] = (EMBED_NAME,)) -> dict[str, torch.Tensor]:

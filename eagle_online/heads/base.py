@@ -107,10 +107,15 @@ class DraftHead(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def served_names(cls) -> tuple[str, ...]:
+        """Every architecture name that marks a checkpoint in this head's layout."""
+        return (cls.ARCHITECTURE, *cls.SERVED_NAMES)
+
+    @classmethod
     def reads(cls, raw_config: dict) -> bool:
         """Whether a checkpoint's config.json is in this head's layout."""
         names = raw_config.get("architectures") or []
-        return any(name in (cls.ARCHITECTURE, *cls.SERVED_NAMES) for name in names)
+        return any(name in cls.served_names() for name in names)
 
     @classmethod
     def from_checkpoint(cls, config, tensors: dict[str, torch.Tensor]) -> DraftHead:
