@@ -217,7 +217,7 @@ def card_metadata(run_dir, checkpoint: str, why: str, out: Path, config) -> dict
         "draft": {k: v for k, v in {
             "hidden_size": getattr(config, "hidden_size", None),
             "draft_vocab_size": getattr(config, "draft_vocab_size", None),
-            **{key: recipe.get("draft", {}).get(key) for key in HEADS[architecture].head.SHOWN_SETTINGS},
+            **{key: recipe.get("draft", {}).get(key) for key in ("loss", *HEADS[architecture].head.SHOWN_SETTINGS)},
         }.items() if v is not None},
         "checkpoint": {"name": checkpoint, "step": step, "total_steps": state.get("total_steps"), "why": why},
         "tau": {

@@ -18,6 +18,7 @@ from eagle_online.errors import RecipeError
 from eagle_online.gguf_targets import BUILTIN_GGUF, resolve_builtin, resolve_gguf
 from eagle_online.heads import HEADS
 from eagle_online.heads.eagle3 import LOSS_DECAY, TTT_LENGTH
+from eagle_online.losses import LK_DECAY, LK_SCALE, LOSSES
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -125,6 +126,11 @@ class DraftConfig(_Section):
     draft_vocab_size: int = Field(32000, gt=0)
     ttt_length: int = Field(TTT_LENGTH, ge=1, description="training-time-test unroll steps (EAGLE-3)")
     loss_decay: float = Field(LOSS_DECAY, gt=0, le=1, description="step k's loss is weighted decay**k (EAGLE-3)")
+    loss: Literal[LOSSES] = Field("kl", description="the loss against the teacher's draft-vocabulary distribution: "
+                                  "kl (soft cross-entropy), lk_alpha (−log of the expected acceptance α), lk_lambda "
+                                  "(KL and 1 − α mixed by α) or tv (1 − α); docs/algorithms.md")
+    lk_scale: float = Field(LK_SCALE, gt=0, le=1, description="lk_lambda: s in KL's weight s·exp(−d·α)")
+    lk_decay: float = Field(LK_DECAY, ge=0, description="lk_lambda: d in KL's weight s·exp(−d·α)")
     init_lm_head_from_target: bool = True
     compile: bool = Field(False, description="torch.compile the head's decoder layer (worth it on GPU; minutes of "
                           "compilation on CPU)")
@@ -154,6 +160,10 @@ class DraftConfig(_Section):
                 if getattr(self, key) != type(self).model_fields[key].default:
                     raise ValueError(f"{key} is a setting of the {name} head, not of {self.architecture}: remove it "
                                      "(or choose that draft.architecture)")
+        for key in ("lk_scale", "lk_decay"):
+            if self.loss != "lk_lambda" and getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(f"{key} is read by loss: lk_lambda only, and this recipe's loss is {self.loss}: "
+                                 "remove it (or set loss: lk_lambda)")
         return self
 
 

@@ -61,6 +61,7 @@ class Setup:
     head_params: int
     draft_vocab: int
     ttt_length: int | None
+    loss: str  # draft.loss, with lk_lambda's s and d
     total_steps: int
     steps_per_epoch: int
     start_step: int
@@ -120,7 +121,7 @@ def format_banner(s: Setup) -> str:
         f"  target      {s.target}: {human_count(s.target_params)} parameters, {s.target_dtype}, sharding {s.sharding}",
         f"  precision   {s.precision}",
         f"  draft       {s.architecture}: {human_count(s.head_params)} trainable parameters, draft vocabulary "
-        f"{s.draft_vocab}" + (f", TTT {s.ttt_length}" if s.ttt_length else ""),
+        f"{s.draft_vocab}" + (f", TTT {s.ttt_length}" if s.ttt_length else "") + f", loss {s.loss}",
         f"  steps       {s.total_steps} ({epochs:.3g} epoch{'s' if epochs != 1 else ''} of {s.steps_per_epoch} "
         f"steps){start}",
         f"  batch       {s.micro_tokens} tokens per micro-batch × {s.accumulation} accumulation × {s.world} "

@@ -111,18 +111,19 @@ def _flat(tree: dict) -> dict:
 
 
 def per_position(metrics: dict[str, float]) -> dict[str, float]:
-    """Per-TTT-step loss_k and acc_k from their position sums (StepMetrics.position_sums, added over the
+    """Per-TTT-step loss_k, acc_k and alpha_k from their position sums (StepMetrics.position_sums, added over the
     step's micro-batches and ranks): every trained position of the step counts alike, so acc_k is the
     fraction of all positions predicted right. The logged `loss` is not: it is the mean over
     micro-batches and ranks of each micro-batch's own loss, exactly what the gradient follows (each
     micro-batch's loss / accumulation, DDP's average over ranks). A step with no position at step k
     logs 0 there."""
-    out = {k: v for k, v in metrics.items() if not k.startswith(("sum_loss_", "sum_acc_", "positions_"))}
+    sums = ("loss", "acc", "alpha")
+    out = {k: v for k, v in metrics.items() if not k.startswith((*(f"sum_{s}_" for s in sums), "positions_"))}
     steps = sum(1 for k in metrics if k.startswith("positions_"))
     for k in range(steps):
         n = metrics[f"positions_{k}"]
-        out[f"loss_{k}"] = metrics[f"sum_loss_{k}"] / n if n else 0.0
-        out[f"acc_{k}"] = metrics[f"sum_acc_{k}"] / n if n else 0.0
+        for name in sums:
+            out[f"{name}_{k}"] = metrics[f"sum_{name}_{k}"] / n if n else 0.0
     return out
 
 
@@ -334,6 +335,8 @@ class Trainer:
             architecture=r.draft.architecture, head_params=sum(p.numel() for p in head.trainable_parameters()),
             draft_vocab=r.draft.draft_vocab_size,
             ttt_length=r.draft.ttt_length if "ttt_length" in head.SHOWN_SETTINGS else None,
+            loss=r.draft.loss + (f" (s {r.draft.lk_scale}, d {r.draft.lk_decay})"
+                                 if r.draft.loss == "lk_lambda" else ""),
             total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
             start_step=start[1]["step"] if start else 0, tokens_per_step_max=r.data.tokens_per_batch * per_step,
             tokens_per_step_mean=sum(b.num_tokens for b in batches) / max(1, len(batches)) * per_step,

@@ -11,7 +11,7 @@ from eagle_online.heads.eagle import EagleHead
 from eagle_online.heads.eagle3 import DocumentLayout
 from eagle_online.heads.mlp import ARCHITECTURE as MLP
 from eagle_online.heads.mlp import MLPHead
-from eagle_online.losses import soft_cross_entropy
+from eagle_online.losses import LOSSES, soft_cross_entropy
 from eagle_online.recipe import DraftConfig
 from eagle_online.target import TargetOutput
 from tests.conftest import tiny_llama_config
@@ -88,6 +88,31 @@ def test_mlp_loss_by_hand():
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert {n for n, p in head.named_parameters() if p.requires_grad} == {
         n for n, _ in head.named_parameters() if n.startswith("blocks.")}
+
+
+@pytest.mark.parametrize("arch", [EAGLE3, EAGLE, MLP])
+def test_every_head_trains_with_the_recipes_loss(arch):
+    """draft.loss reaches the head through configure_training: on the same forward the losses differ,
+    ᾱ (logged whatever the loss) does not; for the MLP, −log α and 1 − ᾱ by hand."""
+    batch, target = _batch_and_target()
+    outs = {}
+    for loss in LOSSES:
+        torch.manual_seed(0)  # the same initial head for every loss
+        head, _ = _head(arch, feature_noise=0.0, loss=loss) if arch == EAGLE else _head(arch, loss=loss)
+        assert head.objective.kind == loss
+        outs[loss] = head(target, batch).metrics
+    for loss in LOSSES[1:]:
+        assert outs[loss].losses[0] != pytest.approx(outs["kl"].losses[0].item(), rel=1e-3)
+        torch.testing.assert_close(outs[loss].alphas, outs["kl"].alphas)
+    if arch == MLP:
+        torch.manual_seed(0)
+        head, _ = _head(MLP)
+        rows = torch.tensor([t for t in range(14) if t + 2 < 8 or 8 <= t < 12])
+        q = head.lm_head(head.blocks(head.embed_tokens(batch.input_ids[0, rows + 1]))).softmax(-1)
+        alpha = torch.minimum(q, target.teacher_logits[0, rows + 1].softmax(-1)).sum(-1)
+        assert outs["lk_alpha"].losses[0].item() == pytest.approx(-alpha.log().mean().item(), rel=1e-5)
+        assert outs["tv"].losses[0].item() == pytest.approx(1 - alpha.mean().item(), rel=1e-5)
+        assert outs["kl"].alphas[0].item() == pytest.approx(alpha.mean().item(), rel=1e-5)
 
 
 def test_registry_and_generic_call():

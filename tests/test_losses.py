@@ -1,4 +1,4 @@
-"""The chunked, fused soft cross-entropy against the plain one it replaces in the head.
+"""The chunked, fused distillation losses against plain references over materialised logits.
 
 Tolerances per dtype: fp64 agrees to rounding (1e-12); fp32 to 1e-5 relative (summation order);
 under bf16 autocast both sides round the logits to bf16 but at different points (the plain version
@@ -7,7 +7,15 @@ rounds its [N, V] logits, the fused one its per-chunk gradient), so 2e-2.
 import pytest
 import torch
 
-from eagle_online.losses import TeacherTargets, accuracy, linear_soft_cross_entropy, soft_cross_entropy
+from eagle_online.losses import (
+    LOSSES,
+    Objective,
+    StepMetrics,
+    TeacherTargets,
+    accuracy,
+    linear_distillation,
+    soft_cross_entropy,
+)
 
 
 def _case(dtype, n=10, m=14, hidden=6, vocab=9, seed=0):
@@ -33,7 +41,8 @@ def _plain(h, w, teacher_logits, rows, scale):
 
 def _fused(h, w, teacher_logits, rows, scale, chunk_rows):
     h.grad = w.grad = None
-    out = linear_soft_cross_entropy(h, w, TeacherTargets.from_logits(teacher_logits, chunk_rows=5), rows, chunk_rows)
+    out = linear_distillation(h, w, TeacherTargets.from_logits(teacher_logits, chunk_rows=5), rows,
+                              chunk_rows=chunk_rows)
     (scale * out.loss).backward()
     return out.loss.detach(), out.accuracy, h.grad.clone(), w.grad.clone()
 
@@ -66,7 +75,7 @@ def test_fused_soft_cross_entropy_through_a_frozen_weight():
     plain = _plain(h, w, teacher_logits, rows, scale=0.37)
     h.grad = None
     frozen = w.detach()
-    out = linear_soft_cross_entropy(h, frozen, TeacherTargets.from_logits(teacher_logits), rows, 4)
+    out = linear_distillation(h, frozen, TeacherTargets.from_logits(teacher_logits), rows, chunk_rows=4)
     (0.37 * out.loss).backward()
     assert frozen.grad is None
     torch.testing.assert_close(out.loss.detach(), plain[0])
@@ -77,7 +86,7 @@ def test_fused_soft_cross_entropy_with_no_rows():
     h, w, teacher_logits, _ = _case(torch.float32)
     rows = torch.zeros(0, dtype=torch.long)
     h = h[:0].detach().requires_grad_(True)
-    out = linear_soft_cross_entropy(h, w, TeacherTargets.from_logits(teacher_logits), rows)
+    out = linear_distillation(h, w, TeacherTargets.from_logits(teacher_logits), rows)
     assert out.loss.item() == 0.0 and out.accuracy.item() == 0.0
     out.loss.backward()
     assert w.grad is not None and not w.grad.any()
@@ -96,11 +105,10 @@ def test_teacher_targets_in_chunks():
 def test_logged_step_figures_weight_every_trained_position_alike():
     """A step's acc_k and loss_k are over all its positions (micro-batches with more trained positions
     count more); the logged `loss` stays the mean of the micro-batches' own losses, as the gradient."""
-    from eagle_online.losses import StepMetrics
     from eagle_online.trainer import per_position
 
-    small = StepMetrics([torch.tensor(4.0)], [torch.tensor(1.0)], [1])
-    large = StepMetrics([torch.tensor(2.0)], [torch.tensor(0.25)], [3])
+    small = StepMetrics([torch.tensor(4.0)], [torch.tensor(1.0)], [torch.tensor(0.5)], [1])
+    large = StepMetrics([torch.tensor(2.0)], [torch.tensor(0.25)], [torch.tensor(0.1)], [3])
     totals: dict[str, float] = {}
     for m in (small, large):
         for key, value in m.position_sums().items():
@@ -108,6 +116,77 @@ def test_logged_step_figures_weight_every_trained_position_alike():
     out = per_position({**totals, "loss": 3.0})
     assert out["acc_0"] == pytest.approx((1.0 * 1 + 0.25 * 3) / 4)  # not (1.0 + 0.25) / 2
     assert out["loss_0"] == pytest.approx((4.0 * 1 + 2.0 * 3) / 4)
-    assert out["loss"] == 3.0 and set(out) == {"loss", "loss_0", "acc_0"}
-    empty = StepMetrics([torch.tensor(0.0)], [torch.tensor(0.0)], [0]).position_sums()
-    assert per_position(empty) == {"loss_0": 0.0, "acc_0": 0.0}
+    assert out["alpha_0"] == pytest.approx((0.5 * 1 + 0.1 * 3) / 4)
+    assert out["loss"] == 3.0 and set(out) == {"loss", "loss_0", "acc_0", "alpha_0"}
+    empty = StepMetrics([torch.tensor(0.0)], [torch.tensor(0.0)], [torch.tensor(0.0)], [0]).position_sums()
+    assert per_position(empty) == {"loss_0": 0.0, "acc_0": 0.0, "alpha_0": 0.0}
+
+
+def _plain_objective(h, w, teacher_logits, rows, objective):
+    """Each loss as written in Objective's docstring, over materialised logits, autograd for gradients."""
+    p = teacher_logits.double().softmax(-1)[rows]
+    log_q = (h @ w.T).double().log_softmax(-1)
+    alpha = torch.minimum(p, log_q.exp()).sum(-1)
+    kl = (torch.special.xlogy(p, p) - p * log_q).sum(-1).mean()
+    if objective.kind == "kl":
+        loss = -(p * log_q).sum(-1).mean()
+    elif objective.kind == "lk_alpha":
+        loss = -alpha.log().mean()
+    elif objective.kind == "tv":
+        loss = 1 - alpha.mean()
+    else:
+        weight = objective.scale * torch.exp(-objective.decay * alpha.mean().detach())
+        loss = weight * kl + (1 - weight) * (1 - alpha.mean())
+    h.grad = w.grad = None
+    (0.37 * loss).backward()
+    return loss.detach(), alpha.mean().detach(), h.grad.clone(), w.grad.clone()
+
+
+@pytest.mark.parametrize("objective", [Objective(k) for k in LOSSES] + [Objective("lk_lambda", 0.6, 1.5)],
+                         ids=lambda o: f"{o.kind}-{o.scale}-{o.decay}")
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_fused_objectives_match_plain_values_gradients_and_alpha(objective, chunk_rows):
+    """Every draft.loss: value, ᾱ and the gradients of hidden and weight, in fp64 to rounding."""
+    h, w, teacher_logits, rows = _case(torch.float64)
+    plain = _plain_objective(h, w, teacher_logits, rows, objective)
+    h.grad = w.grad = None
+    out = linear_distillation(h, w, TeacherTargets.from_logits(teacher_logits), rows, objective, chunk_rows)
+    (0.37 * out.loss).backward()
+    torch.testing.assert_close(out.loss.detach(), plain[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.alpha.double(), plain[1], rtol=1e-6, atol=1e-7)  # ᾱ is logged in fp32
+    torch.testing.assert_close(h.grad, plain[2], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w.grad, plain[3], rtol=1e-10, atol=1e-12)
+    assert 0 < out.alpha < 1
+
+
+def test_objectives_differ_and_tv_plus_alpha_is_one():
+    """The objectives are not one loss under several names: on the same logits their values and
+    gradients differ, and tv is 1 − ᾱ."""
+    h, w, teacher_logits, rows = _case(torch.float64)
+    teacher = TeacherTargets.from_logits(teacher_logits)
+    grads = {}
+    for kind in LOSSES:
+        h.grad = None
+        out = linear_distillation(h, w.detach(), teacher, rows, Objective(kind))
+        out.loss.backward()
+        grads[kind] = h.grad.clone()
+        if kind == "tv":
+            assert out.loss.item() == pytest.approx(1 - out.alpha.item(), rel=1e-6)
+    for a in LOSSES:
+        for b in LOSSES:
+            if a < b:
+                assert not torch.allclose(grads[a], grads[b], rtol=1e-3), (a, b)
+
+
+def test_lk_alpha_under_bf16_autocast():
+    h, w, teacher_logits, rows = _case(torch.float32, n=64, m=80, hidden=32, vocab=50)
+    objective = Objective("lk_alpha")
+    plain = _plain_objective(h.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True),
+                             teacher_logits, rows, objective)
+    h.grad = w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_distillation(h, w, TeacherTargets.from_logits(teacher_logits.bfloat16()), rows, objective, 16)
+    (0.37 * out.loss).backward()
+    torch.testing.assert_close(out.loss.detach().double(), plain[0], rtol=2e-2, atol=2e-3)
+    for got, want in ((h.grad, plain[2]), (w.grad, plain[3])):
+        assert (got.double() - want).norm() / want.norm() < 5e-2

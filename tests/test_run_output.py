@@ -173,7 +173,7 @@ def _setup(**changes) -> Setup:
     fields = dict(name="r", output_dir="/runs/r", device="cpu", cuda=False, world=1, local_world=1,
                   target="meta-llama/Llama-3.1-8B-Instruct", target_params=8_030_000_000, target_dtype="bfloat16",
                   sharding="none", precision="fp32", architecture="LlamaForCausalLMEagle3", head_params=10,
-                  draft_vocab=32000, ttt_length=7, total_steps=10, steps_per_epoch=10, start_step=0,
+                  draft_vocab=32000, ttt_length=7, loss="kl", total_steps=10, steps_per_epoch=10, start_step=0,
                   tokens_per_step_max=8192, tokens_per_step_mean=8000.0, micro_tokens=8192, accumulation=1, lr=1e-4,
                   schedule="cosine", eval_desc="off", checkpoint_every=5,
                   keep_checkpoints=2, export="export", trackers=["jsonl"], tensorboard_missing=True)

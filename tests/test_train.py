@@ -54,6 +54,7 @@ def test_tiny_recipe_learns_and_exports(tmp_path):
     assert mean(last, "acc_0") > max(2 * mean(first, "acc_0"), mean(first, "acc_0") + 0.05), (
         mean(first, "acc_0"), mean(last, "acc_0"))
     assert mean(last, "tau_hat") > mean(first, "tau_hat")
+    assert 0 < mean(first, "alpha_0") < mean(last, "alpha_0") < 1  # the expected acceptance, logged under KL too
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in rows)
     # The run's own records: the resolved recipe, data statistics, the vocab cache and the export.
     assert "output_dir: " + str(out) in (out / "recipe.yaml").read_text()

@@ -21,7 +21,7 @@ from torch import nn
 
 from eagle_online.errors import RecipeError
 from eagle_online.layout import EMBED_NAME, draft_ids, load_state
-from eagle_online.losses import StepMetrics
+from eagle_online.losses import KL, Objective, StepMetrics
 
 
 @dataclass
@@ -54,6 +54,7 @@ class DraftHead(nn.Module):
     # The recipe's `draft` keys only this head reads: the recipe refuses them under another architecture
     SETTINGS: ClassVar[tuple[str, ...]] = ()
     SHOWN_SETTINGS: ClassVar[tuple[str, ...]] = ()  # the recipe's `draft` keys the banner and the card show
+    objective: Objective = KL  # the training loss against the teacher (draft.loss), set by configure_training
 
     # -- building, from the recipe's `draft` section and the target
     @classmethod
@@ -62,7 +63,9 @@ class DraftHead(nn.Module):
         raise NotImplementedError
 
     def configure_training(self, draft) -> None:
-        """Set the recipe's training-forward settings (on a head built fresh or loaded from a checkpoint)."""
+        """Set the recipe's training-forward settings (on a head built fresh or loaded from a checkpoint);
+        a head that overrides this calls it too (the loss against the teacher, every head's)."""
+        self.objective = Objective.of(draft)
 
     def takes_target_lm_head(self, draft) -> bool:
         """Whether init_from_target is given the target's lm_head (rows, or whole: LM_HEAD)."""

@@ -36,7 +36,7 @@ from eagle_online.layout import (
     served_tensors,
     with_embedding,
 )
-from eagle_online.losses import StepMetrics, TeacherTargets, linear_soft_cross_entropy
+from eagle_online.losses import StepMetrics, TeacherTargets, linear_distillation
 
 # SGLang registers LlamaForCausalLMEagle; vLLM's EAGLEConfig turns each architecture not starting with
 # "Eagle" into "Eagle" + name (vllm/transformers_utils/configs/eagle.py) and registers
@@ -143,6 +143,7 @@ class EagleHead(DraftHead):
         return config
 
     def configure_training(self, draft) -> None:
+        super().configure_training(draft)
         self.noise = draft.feature_noise
 
     def serving_layout(self, aux_layer_ids=None, target_num_layers=None):
@@ -204,9 +205,9 @@ class EagleHead(DraftHead):
         # vocabulary at 16k tokens × 128k would be 8 GB of fp32 logits) and the regression carries
         # the rest of the signal. Fused and chunked as EAGLE-3's: no [rows × vocab] logits are kept.
         teacher = TeacherTargets.from_logits(target.teacher_logits.reshape(b * t, -1))
-        ce = linear_soft_cross_entropy(pred, self.lm_head.weight[draft_ids(self.d2t)], teacher, rows + 1)
+        ce = linear_distillation(pred, self.lm_head.weight[draft_ids(self.d2t)], teacher, rows + 1, self.objective)
         loss = self.feature_weight * feature_loss + self.ce_weight * ce.loss
-        return HeadOutput(loss=loss, metrics=StepMetrics([ce.loss.detach()], [ce.accuracy], [len(rows)]))
+        return HeadOutput(loss=loss, metrics=StepMetrics.of([ce], [len(rows)]))
 
 
 class EagleDrafter(LayerDrafter):

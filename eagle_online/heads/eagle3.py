@@ -35,7 +35,7 @@ from eagle_online.layout import (
     text_config,
     with_embedding,
 )
-from eagle_online.losses import StepMetrics, TeacherTargets, linear_soft_cross_entropy
+from eagle_online.losses import KL, Objective, StepMetrics, TeacherTargets, linear_distillation
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 TTT_LENGTH, LOSS_DECAY = 7, 0.8  # the recipe's defaults (draft.ttt_length, draft.loss_decay)
@@ -234,6 +234,7 @@ class Eagle3Head(DraftHead):
         return config
 
     def configure_training(self, draft) -> None:
+        super().configure_training(draft)
         self.ttt_length, self.loss_decay = draft.ttt_length, draft.loss_decay
 
     def takes_target_lm_head(self, draft) -> bool:
@@ -365,10 +366,11 @@ class Eagle3Head(DraftHead):
     def forward(self, target, batch) -> HeadOutput:
         """The training forward: the TTT unroll of `target` (a TargetOutput) over `batch` (a PackedBatch)."""
         return self.unroll(target.aux_hidden, batch.input_ids, batch.position_ids, batch.loss_mask,
-                           target.teacher_logits, target.teacher_in_draft, self.ttt_length, self.loss_decay)
+                           target.teacher_logits, target.teacher_in_draft, self.ttt_length, self.loss_decay,
+                           self.objective)
 
     def unroll(self, aux_hidden, input_ids, position_ids, loss_mask, teacher_logits, teacher_in_draft,
-               ttt_length: int, loss_decay: float = LOSS_DECAY) -> HeadOutput:
+               ttt_length: int, loss_decay: float = LOSS_DECAY, objective: Objective = KL) -> HeadOutput:
         """The TTT unroll over packed rows.
 
         Position t pairs the target feature g_t with embed(x_{t+1}) and learns the target's
@@ -388,17 +390,16 @@ class Eagle3Head(DraftHead):
         hidden = self.fc(aux_hidden.to(self.fc.weight.dtype))
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         loss = hidden.new_zeros((), dtype=torch.float32)
-        losses, accs, counts = [], [], []
+        steps, counts = [], []
         for k in range(ttt_length):
             hidden = self.step(hidden, shift_left(input_ids, 1 + k), position_ids + k, cache, layout)
             rows = scored_rows(loss_mask, docs, teacher_in_draft, k)
             normed = self.norm(hidden.reshape(b * t, -1)[rows])
-            step = linear_soft_cross_entropy(normed, self.lm_head.weight, teacher, rows + 1 + k)
+            step = linear_distillation(normed, self.lm_head.weight, teacher, rows + 1 + k, objective)
             loss = loss + (loss_decay**k) * step.loss
-            losses.append(step.loss.detach())
-            accs.append(step.accuracy)
+            steps.append(step)
             counts.append(len(rows))
-        return HeadOutput(loss=loss, metrics=StepMetrics(losses, accs, counts))
+        return HeadOutput(loss=loss, metrics=StepMetrics.of(steps, counts))
 
 
 def head_from_tensors(config, tensors, embed_weight: torch.Tensor | None = None) -> Eagle3Head:

@@ -17,7 +17,7 @@ from transformers import LlamaConfig
 from eagle_online.heads.base import Drafter, DraftHead, DraftStep, HeadOutput, frozen_copy, scatter_to_target
 from eagle_online.heads.eagle3 import DocumentLayout, scored_rows
 from eagle_online.layout import EMBED_NAME, dtype_name, load_state, served_tensors, text_config, with_embedding
-from eagle_online.losses import StepMetrics, TeacherTargets, linear_soft_cross_entropy
+from eagle_online.losses import StepMetrics, TeacherTargets, linear_distillation
 
 ARCHITECTURE = "EagleOnlineMLPDraft"
 
@@ -101,8 +101,8 @@ class MLPHead(DraftHead):
         rows = scored_rows(loss_mask, doc, target.teacher_in_draft)
         hidden = self.blocks(self.embed_tokens(input_ids.reshape(-1)[rows + 1]).to(self.lm_head.weight.dtype))
         teacher = TeacherTargets.from_logits(target.teacher_logits.reshape(b * t, -1))
-        ce = linear_soft_cross_entropy(hidden, self.lm_head.weight, teacher, rows + 1)
-        return HeadOutput(loss=ce.loss, metrics=StepMetrics([ce.loss.detach()], [ce.accuracy], [len(rows)]))
+        ce = linear_distillation(hidden, self.lm_head.weight, teacher, rows + 1, self.objective)
+        return HeadOutput(loss=ce.loss, metrics=StepMetrics.of([ce], [len(rows)]))
 
 
 class MLPDrafter(Drafter):

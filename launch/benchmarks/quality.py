@@ -126,7 +126,7 @@ def run_quality(args, log=print, save=None) -> dict:
                          f"training.max_steps={args.steps}", "training.progress_bar=false",
                          "training.export_at_end=false", "training.overwrite=true",
                          f"training.log_every={1 if args.curve_every_steps else args.log_every}",
-                         f"training.checkpoint_every={args.steps}", f"run.seed={args.seed}"]
+                         f"training.checkpoint_every={args.steps}", f"run.seed={args.seed}", f"draft.loss={args.loss}"]
             if args.curve_every_steps:  # the trainer's own evaluation, on the bench's prompts and settings
                 overrides += [f"eval.every={args.curve_every_steps}", "eval.prompts=builtin:sharegpt",
                               "eval.final_temperatures=[]",  # the bench measures both ends itself, every head alike
@@ -158,7 +158,8 @@ def run_quality(args, log=print, save=None) -> dict:
             log(f"{name} trained ({args.steps} steps, {args.tokens} tokens, {train_s:.0f} s): {_brief(trained)}")
             report["heads"][name] = {
                 "recipe": recipe_name, "untrained": untrained, "trained": trained, "train_seconds": round(train_s, 1),
-                "final_train_metrics": {k: v for k, v in last.items() if k.startswith(("acc_", "loss", "tau_hat"))},
+                "final_train_metrics": {k: v for k, v in last.items()
+                                        if k.startswith(("acc_", "alpha_", "loss", "tau_hat"))},
             }
             if args.curve_every_steps:
                 report["curves"][name] = _curve(run_dir, untrained, trained, args.tokens_per_batch)
@@ -233,6 +234,8 @@ def plot_tau_curves(report: dict, path: Path) -> None:
 
 
 def add_arguments(parser) -> None:
+    from eagle_online.losses import LOSSES
+
     parser.add_argument("--target", choices=list(TARGETS), default="tiny",
                         help="tiny (default; recipes tiny_*) or smollm2 (SmolLM2-135M-Instruct, recipes smollm2_*)")
     parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS), metavar="HEAD",
@@ -261,6 +264,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
     parser.add_argument("-k", "--num-draft-tokens", type=int, help="tokens drafted per target forward (default: "
                         "tiny 4, smollm2 5)")
+    parser.add_argument("--loss", choices=LOSSES, default="kl", help="draft.loss of every head trained (default kl; "
+                        "lk_lambda with the recipe's s and d)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=25,
                         help="steps between metrics.jsonl rows (default 25; every step with --curve-every)")
