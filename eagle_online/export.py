@@ -1,4 +1,4 @@
-"""EAGLE-3 checkpoints in the layout SGLang and vLLM serve, and loading such checkpoints back.
+"""Draft checkpoints in the layouts SGLang and vLLM serve, and loading such checkpoints back.
 
 docs/serving.md: the layouts, the layer-id trap and what is checked.
 
@@ -23,21 +23,24 @@ from transformers import LlamaConfig
 from eagle_online.checkpoint import MANIFEST, checkpoint_names, choose_checkpoint, damage, disk_full
 from eagle_online.errors import RecipeError
 from eagle_online.heads import HEADS, DraftHead, architecture_of
-from eagle_online.layout import CONFIG_NAME, WEIGHTS_NAME, ExportError
+from eagle_online.layout import CONFIG_NAME, SPECULATORS_SUFFIX, WEIGHTS_NAME, ExportError, Verifier
 from eagle_online.metrics import read_metrics, tau_figures
 from eagle_online.recipe import resolve_asset
 
 
 def export_head(head: DraftHead, out_dir, aux_layer_ids: list[int] | None = None,
-                target_num_layers: int | None = None, extra_files: Mapping[str, str] | None = None) -> Path:
+                target_num_layers: int | None = None, extra_files: Mapping[str, str] | None = None, *,
+                speculators: Verifier | None = None) -> Path:
     """Write a directory the engines load: the head's serving layout (`serving_layout`: config.json and
-    model.safetensors with the serving names; the layer ids matter to EAGLE-3 only).
+    model.safetensors with the serving names; the layer ids matter to EAGLE-3 only), or with `speculators`
+    (the target it names) vLLM's speculators format (`speculators_layout`, EAGLE-3 only).
 
     Everything is checked first (ExportError names the offending tensor), written into a temporary
     sibling directory, and renamed into place; an existing export is replaced only once the new one is
     complete, and nothing half-written is left behind on error. `extra_files` (name → text: the card) are
     written beside them, in the same temporary directory."""
-    config, tensors = head.serving_layout(aux_layer_ids, target_num_layers)
+    config, tensors = (head.speculators_layout(aux_layer_ids, target_num_layers, speculators) if speculators
+                       else head.serving_layout(aux_layer_ids, target_num_layers))
     return _write_export(out_dir, config, tensors, extra_files)
 
 
@@ -149,12 +152,22 @@ def _serve_method(architecture: str) -> tuple[str, str] | None:
     return HEADS[architecture].head.SERVE_METHOD if architecture in HEADS else None
 
 
-def serve_commands(target: str, draft_dir, architecture: str) -> dict[str, str]:
+def speculators_dir(out) -> Path:
+    """Where export.format=both writes the speculators copy: beside the export, DIR_speculators."""
+    out = Path(out)
+    return out.with_name(out.name + SPECULATORS_SUFFIX)
+
+
+def serve_commands(target: str, draft_dir, architecture: str, fmt: str = "eagle3") -> dict[str, str]:
     """The SGLang and vLLM commands that serve `draft_dir` beside `target` (the README's, with the names
-    filled in); empty for a head no engine serves (the MLP baseline)."""
+    filled in); empty for a head no engine serves (the MLP baseline). `fmt` is export.format: a
+    speculators export is served by vLLM alone, `vllm serve DIR` (it names its target); with `both` the
+    speculators copy's command is `vllm_speculators`."""
     method = _serve_method(architecture)
     if method is None:
         return {}
+    if fmt == "speculators":
+        return {"vllm": f"vllm serve {draft_dir}"}
     algorithm, vllm_method = method
     draft = str(draft_dir)
     spec = json.dumps({"method": vllm_method, "model": draft, "num_speculative_tokens": 3})
@@ -163,6 +176,7 @@ def serve_commands(target: str, draft_dir, architecture: str) -> dict[str, str]:
         "sglang": f"python -m sglang.launch_server --model-path {target} --speculative-algorithm {algorithm} "
                   f"--speculative-draft-model-path {draft} --speculative-num-steps 5 --speculative-eagle-topk 8 "
                   "--speculative-num-draft-tokens 32 --dtype bfloat16",
+        **({"vllm_speculators": f"vllm serve {speculators_dir(draft_dir)}"} if fmt == "both" else {}),
     }
 
 
@@ -183,19 +197,29 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def card_metadata(run_dir, checkpoint: str, why: str, out: Path, config) -> dict:
-    """What an export is, for programs (eagle_online.json) and people (README.md): target, draft, the
-    checkpoint and why it was taken, τ and its floors, data, recipe, date and serve commands. Built from
-    the run directory's records; what a record lacks is left out."""
-    import time
-
+def _run_recipe(run_dir: Path) -> dict:
+    """The run's resolved recipe.yaml as a plain mapping ({} when it cannot be read)."""
     import yaml
 
-    run_dir = Path(run_dir)
     try:
-        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+        return yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
-        recipe = {}
+        return {}
+
+
+def run_format(run_dir, fmt: str | None = None) -> str:
+    """The export format: `fmt` when given, else the run's recipe's export.format (eagle3 by default)."""
+    return fmt or _run_recipe(Path(run_dir)).get("export", {}).get("format", "eagle3")
+
+
+def card_metadata(run_dir, checkpoint: str, why: str, out: Path, config, fmt: str = "eagle3") -> dict:
+    """What an export is, for programs (eagle_online.json) and people (README.md): target, draft, the
+    checkpoint and why it was taken, τ and its floors, data, recipe, date, layout (`fmt`: eagle3 or
+    speculators) and serve commands. Built from the run directory's records; what a record lacks is left out."""
+    import time
+
+    run_dir = Path(run_dir)
+    recipe = _run_recipe(run_dir)
     info = _read_json(run_dir / "run_info.json")
     state = _read_json(run_dir / "checkpoints" / checkpoint / "trainer_state.json")
     stats = _read_json(run_dir / "data_stats.json").get("total", {})
@@ -239,7 +263,8 @@ def card_metadata(run_dir, checkpoint: str, why: str, out: Path, config) -> dict
                    "gradient_accumulation_steps": train.get("gradient_accumulation_steps"),
                    "max_length": recipe.get("data", {}).get("max_length")},
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "serve": serve_commands(serving_target(model), out, architecture) if model else {},
+        "format": fmt,
+        "serve": serve_commands(serving_target(model), out, architecture, fmt) if model else {},
     }
     return meta
 
@@ -302,9 +327,14 @@ def card_text(meta: dict) -> str:
     if table:
         lines += ["", "τ at the last evaluation beside its floors, on the same prompts:", "", "```", *table, "```"]
     lines += ["", "## Serving", ""]
+    if meta.get("format") == "speculators":
+        lines += ["This folder is in vLLM's speculators format: its config.json names the target, so vLLM serves it "
+                  "alone (SGLang reads the eagle3 layout: export with `--format eagle3`).", ""]
     if meta["serve"]:
-        for engine, label in (("vllm", "vLLM"), ("sglang", "SGLang")):
-            lines += [f"{label}:", "", "```bash", meta["serve"][engine], "```", ""]
+        for engine, label in (("vllm", "vLLM"), ("sglang", "SGLang"), ("vllm_speculators", "vLLM, the speculators "
+                                                                       "copy beside this folder")):
+            if engine in meta["serve"]:
+                lines += [f"{label}:", "", "```bash", meta["serve"][engine], "```", ""]
         lines.append("The paths are where the export was written; use this folder's path if it moved.")
     elif _serve_method(meta["architecture"]) is None:
         lines.append("No engine serves this head (the MLP baseline): measure it with `launch/eval.py`.")
@@ -361,10 +391,13 @@ def tau_table(tau: dict) -> list[str]:
     return lines
 
 
-def export_run(run_dir, checkpoint: str | None = None, out=None, why: str | None = None) -> Path:
+def export_run(run_dir, checkpoint: str | None = None, out=None, why: str | None = None,
+               fmt: str | None = None) -> Path:
     """Export a training run's checkpoint to `out` (default: RUN_DIR/export): `checkpoint` is a name, `best`
     or `last` (the default), as choose_checkpoint picks them. The export's card (README.md, eagle_online.json)
-    says why that checkpoint was taken: `why`, or choose_checkpoint's reason.
+    says why that checkpoint was taken: `why`, or choose_checkpoint's reason. `fmt` (default: the recipe's
+    export.format) is `eagle3`, `speculators` (naming the recipe's target as the verifier), or `both`: the
+    first in `out`, the second in speculators_dir(out). Returns `out`.
 
     The run directory holds draft_config.json (the head's config), run_info.json
     ({"aux_layer_ids", "target_num_layers"}) and checkpoints/<name>/model.safetensors (the head's
@@ -389,6 +422,22 @@ def export_run(run_dir, checkpoint: str | None = None, out=None, why: str | None
     info = json.loads((run_dir / "run_info.json").read_text())
     head = HEADS[architecture_of(config)].head.from_checkpoint(config, tensors)
     out = Path(out if out is not None else run_dir / "export").resolve()
-    meta = card_metadata(run_dir, checkpoint, why, out, config)
-    card = {CARD_NAME: card_text(meta), METADATA_NAME: json.dumps(meta, indent=2) + "\n"}
-    return export_head(head, out, info["aux_layer_ids"], info["target_num_layers"], card)
+    recipe = _run_recipe(run_dir)
+    fmt = run_format(run_dir, fmt)
+    verifier = None
+    if fmt != "eagle3":
+        model = recipe.get("target", {}).get("model")
+        if not model:
+            raise ExportError(f"{run_dir / 'recipe.yaml'} names no target.model: the speculators format names its "
+                              "target; export with --format eagle3")
+        verifier = Verifier(serving_target(model), tuple(info.get("target_architectures", ())),
+                            recipe.get("export", {}).get("speculative_tokens", 3))
+        head.speculators_layout(info["aux_layer_ids"], info["target_num_layers"], verifier)  # refused before writing
+    dirs = {"eagle3": [(out, None)], "speculators": [(out, verifier)],
+            "both": [(out, None), (speculators_dir(out), verifier)]}[fmt]
+    for where, speculators in dirs:
+        meta = card_metadata(run_dir, checkpoint, why, where, config, "speculators" if speculators else
+                             ("both" if fmt == "both" else "eagle3"))
+        card = {CARD_NAME: card_text(meta), METADATA_NAME: json.dumps(meta, indent=2) + "\n"}
+        export_head(head, where, info["aux_layer_ids"], info["target_num_layers"], card, speculators=speculators)
+    return out

@@ -10,6 +10,7 @@ module: heads, export and the trainer import it, it imports none of them.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -29,6 +30,22 @@ ID_KEY = "eagle_aux_hidden_state_layer_ids"
 
 class ExportError(UserError, ValueError):
     """A checkpoint that would not serve correctly (wrong names, shapes, dtypes, layer ids) or cannot be read."""
+
+
+# export.format: the layout SGLang and vLLM's EAGLE loaders read (each head's own: `eagle3` names it after
+# the main one), vLLM's speculators format (EAGLE-3 only; it names its target), or both
+FORMATS = ("eagle3", "speculators", "both")
+SPECULATORS_SUFFIX = "_speculators"  # export.format=both: the speculators copy beside the export, DIR_speculators
+
+
+@dataclass(frozen=True)
+class Verifier:
+    """What a speculators-format export says about its target (vLLM serves it as the verifier) and how many
+    tokens it drafts per step."""
+
+    name_or_path: str
+    architectures: tuple[str, ...] = ()
+    speculative_tokens: int = 3
 
 
 def default_aux_layer_ids(num_layers: int) -> list[int]:

@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from eagle_online.errors import RecipeError
 from eagle_online.gguf_targets import BUILTIN_GGUF, resolve_builtin, resolve_gguf
-from eagle_online.heads import HEADS
+from eagle_online.heads import EAGLE3, HEADS
 from eagle_online.heads.eagle3 import LOSS_DECAY, TTT_LENGTH
+from eagle_online.layout import FORMATS
 from eagle_online.losses import LK_DECAY, LK_SCALE, LOSSES
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -242,6 +243,17 @@ class DataConfig(_Section):
         return self
 
 
+class ExportConfig(_Section):
+    """The export written at the end of training (training.export_at_end) and by launch/export.py."""
+
+    format: Literal[FORMATS] = Field(
+        "eagle3", description="eagle3: the layout SGLang and vLLM's EAGLE loaders read (EAGLE-1/2 and the MLP: "
+        "their own); speculators: vLLM's speculators format, which names the target so `vllm serve DIR` serves "
+        "it alone (EAGLE-3 only); both: the first in DIR and the second in DIR_speculators")
+    speculative_tokens: int = Field(3, gt=0, description="the speculators format's tokens drafted per step "
+                                    "(proposal_methods[0].speculative_tokens, what vLLM runs it with)")
+
+
 class RegenerateConfig(_Section):
     """Self-distillation: the recipe's data with every assistant turn replaced by the target's own reply."""
 
@@ -314,8 +326,20 @@ class Recipe(_Section):
     draft: DraftConfig = DraftConfig()
     data: DataConfig
     training: TrainingConfig = TrainingConfig()
+    export: ExportConfig = ExportConfig()
     regenerate: RegenerateConfig = RegenerateConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _speculators_hold_eagle3(self):
+        if self.export.format != "eagle3" and self.draft.architecture != EAGLE3:
+            raise ValueError(f"export.format={self.export.format}: the speculators format holds EAGLE-3 drafts, not "
+                             f"{self.draft.architecture}; set export.format=eagle3 (its own layout)")
+        default = type(self.export).model_fields["speculative_tokens"].default
+        if self.export.format == "eagle3" and self.export.speculative_tokens != default:
+            raise ValueError("export.speculative_tokens is written in the speculators format only: set "
+                             "export.format=speculators or both, or remove it")
+        return self
 
     @model_validator(mode="after")
     def _best_needs_enough_prompts(self):

@@ -196,8 +196,9 @@ def format_summary(*, run_dir, name: str, steps: int, total_steps: int, start_st
                      "README.md and eagle_online.json there say what it is")
         serve = export.get("serve") or {}
         if serve:
-            lines.append(f"  vLLM        {serve['vllm']}")
-            lines.append(f"  SGLang      {serve['sglang']}")
+            for key, label in (("vllm", "vLLM"), ("sglang", "SGLang"), ("vllm_speculators", "vLLM")):
+                if key in serve:
+                    lines.append(f"  {label:<12}{serve[key]}")
         else:
             lines.append("  serve       no engine serves this head (the MLP baseline): measure it with launch/eval.py")
     lines.append(f"  metrics     {Path(run_dir) / 'metrics.jsonl'}" + (f"; curves {curves}" if curves else ""))

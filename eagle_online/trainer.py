@@ -266,7 +266,8 @@ class Trainer:
         if acc.is_main_process:
             config.to_json_file(self.run_dir / "draft_config.json")
             info = {"aux_layer_ids": self.target.aux_layer_ids, "target_num_layers": len(decoder_layers(model)),
-                    **calibration, "target_parameters": self.target_params}
+                    **calibration, "target_parameters": self.target_params,
+                    "target_architectures": list(getattr(model.config, "architectures", None) or [])}
             revision = getattr(model.config, "_commit_hash", None)  # the hub's commit, when loaded from the hub
             if revision:
                 info["target_revision"] = revision

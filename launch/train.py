@@ -55,7 +55,8 @@ def main(argv=None) -> int:
                 out = export_run(recipe.run.output_dir, checkpoint=name, why=why)
                 print(f"exported {name} ({why}) to {out}")
                 export = {"path": out, "checkpoint": name, "why": why,
-                          "serve": serve_commands(serving_target(recipe.target.model), out, recipe.draft.architecture)}
+                          "serve": serve_commands(serving_target(recipe.target.model), out, recipe.draft.architecture,
+                                                  recipe.export.format)}
             print(trainer.summary(export), flush=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

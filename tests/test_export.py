@@ -326,3 +326,92 @@ def test_bf16_head_exports_and_loads_in_bf16(tmp_path):
     assert loaded.fc.weight.dtype == loaded.embed_tokens.weight.dtype == torch.bfloat16
     assert loaded.rotary_emb.inv_freq.dtype == torch.float32
     assert torch.equal(loaded.lm_head.weight, head.lm_head.weight)
+
+
+# ------------------------------------------------------------------ vLLM's speculators format
+def test_speculators_export_names_its_target_and_reads_back_to_the_same_tensors(tmp_path):
+    """export.format=speculators: the fields vLLM's speculators config reads (norm_before_residual written
+    false, since that format defaults it to true), the layer under `layers.0.`, and load_draft gives back
+    the tensors exactly: its eagle3 export equals the head's own."""
+    from eagle_online.layout import Verifier
+
+    head = _head(seed=4, target_hidden=48)
+    out = export_head(head, tmp_path / "spec", DEFAULT_IDS, LAYERS,
+                      speculators=Verifier("org/target-model", ("LlamaForCausalLM",), 5))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Eagle3Speculator"] and cfg["speculators_model_type"] == "eagle3"
+    spec = cfg["speculators_config"]
+    assert spec["proposal_methods"][0]["speculative_tokens"] == 5
+    assert spec["proposal_methods"][0]["proposal_type"] == spec["default_proposal_method"] == "greedy"
+    assert spec["verifier"] == {"name_or_path": "org/target-model", "architectures": ["LlamaForCausalLM"]}
+    assert cfg["norm_before_residual"] is False and cfg["draft_vocab_size"] == DRAFT_VOCAB
+    assert cfg["target_hidden_size"] == head.config.target_hidden_size
+    layer = cfg["transformer_layer_config"]
+    assert layer["hidden_size"] == 32 and layer["num_hidden_layers"] == 1 and layer["vocab_size"] == VOCAB
+    assert "draft_vocab_size" not in layer and "architectures" not in layer
+    assert "eagle_aux_hidden_state_layer_ids" not in cfg  # the defaults: vLLM's own
+    names = set(_saved(out))
+    assert names == {n.replace("midlayer.", "layers.0.") for n in REQUIRED_TENSORS}
+    loaded = load_draft(out, embed_weight=head.embed_tokens.weight)
+    for name, t in loaded.state_dict().items():
+        assert torch.equal(t, head.state_dict()[name]), name
+    assert _files(_export(loaded, tmp_path / "a")) == _files(_export(head, tmp_path / "b"))
+
+
+def test_speculators_export_writes_other_layer_ids_as_given(tmp_path, recwarn):
+    """Only vLLM reads this format, and it captures the ids as given: no SGLang minus-one copy, no warning."""
+    from eagle_online.export import load_draft
+    from eagle_online.layout import Verifier, aux_layer_ids_of
+
+    head = _head(seed=5)
+    out = export_head(head, tmp_path / "spec", [1, 3, 6], LAYERS, speculators=Verifier("t"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 3, 6] and "eagle_config" not in cfg
+    assert not [w for w in recwarn if "SGLang" in str(w.message)]
+    assert aux_layer_ids_of(load_draft(out, embed_weight=head.embed_tokens.weight).config) == [1, 3, 6]
+
+
+def test_speculators_format_is_refused_for_other_heads(tmp_path):
+    from eagle_online.heads import EAGLE3
+    from eagle_online.heads.eagle import ARCHITECTURE as EAGLE
+    from eagle_online.layout import Verifier
+    from eagle_online.recipe import RecipeError, load_recipe
+    from tests.test_heads import _head as small_head
+
+    eagle1, _ = small_head(EAGLE)
+    with pytest.raises(ExportError, match="speculators format holds EAGLE-3 drafts, not LlamaForCausalLMEagle"):
+        export_head(eagle1, tmp_path / "spec", speculators=Verifier("t"))
+    assert not (tmp_path / "spec").exists()
+    with pytest.raises(RecipeError, match="export.format=both: the speculators format holds EAGLE-3"):
+        load_recipe("tiny_eagle1", ["export.format=both"])
+    with pytest.raises(RecipeError, match="export.speculative_tokens is written in the speculators format only"):
+        load_recipe("tiny_eagle3", ["export.speculative_tokens=5"])
+    assert load_recipe("tiny_eagle3", ["export.format=both"]).draft.architecture == EAGLE3
+
+
+def test_export_run_in_both_formats(tmp_path):
+    """export.format=both (the recipe's, or --format): DIR in the eagle3 layout, DIR_speculators naming the
+    recipe's target; each card says how it is served."""
+    head = _head(seed=6)
+    run = tmp_path / "run"
+    _fake_run(run, [("step_00000100", head)])
+    (run / "recipe.yaml").write_text("target:\n  model: org/target-model\nexport:\n  format: both\n"
+                                     "  speculative_tokens: 4\n")
+    info = json.loads((run / "run_info.json").read_text())
+    (run / "run_info.json").write_text(json.dumps({**info, "target_architectures": ["LlamaForCausalLM"]}))
+    out = export_run(run)
+    copy = out.with_name("export_speculators")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLMEagle3"]
+    spec = json.loads((copy / "config.json").read_text())
+    assert spec["speculators_config"]["verifier"] == {"name_or_path": "org/target-model",
+                                                      "architectures": ["LlamaForCausalLM"]}
+    assert spec["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 4
+    assert f"vllm serve {copy}" in (copy / "README.md").read_text()
+    meta = json.loads((out / "eagle_online.json").read_text())
+    assert meta["format"] == "both" and meta["serve"]["vllm_speculators"] == f"vllm serve {copy}"
+    assert "--speculative-config" in meta["serve"]["vllm"]
+    for d in (out, copy):
+        loaded = load_draft(d, embed_weight=head.embed_tokens.weight)
+        assert torch.equal(loaded.fc.weight, head.fc.weight) and torch.equal(loaded.d2t, head.d2t)
+    only = export_run(run, out=tmp_path / "eagle3_only", fmt="eagle3")
+    assert not only.with_name("eagle3_only_speculators").exists()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eagle_online.errors import RecipeError
-from eagle_online.layout import EMBED_NAME, draft_ids, load_state
+from eagle_online.layout import EMBED_NAME, ExportError, Verifier, draft_ids, load_state
 from eagle_online.losses import KL, Objective, StepMetrics
 
 
@@ -108,6 +108,12 @@ class DraftHead(nn.Module):
                        ) -> tuple[dict, dict[str, torch.Tensor]]:
         """The config.json dict and the tensors of the head's export, checked (ExportError otherwise)."""
         raise NotImplementedError
+
+    def speculators_layout(self, aux_layer_ids: list[int] | None, target_num_layers: int | None,
+                           verifier: Verifier) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The same in vLLM's speculators format (a config that names its target), for heads it has."""
+        raise ExportError(f"the speculators format holds EAGLE-3 drafts, not {self.ARCHITECTURE}: export with "
+                          "export.format=eagle3")
 
     @classmethod
     def served_names(cls) -> tuple[str, ...]:

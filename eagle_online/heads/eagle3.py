@@ -24,6 +24,7 @@ from eagle_online.layout import (
     EMBED_NAME,
     ID_KEY,
     ExportError,
+    Verifier,
     add_legacy_rope,
     check_aux_layer_ids,
     check_tensors,
@@ -38,6 +39,7 @@ from eagle_online.layout import (
 from eagle_online.losses import KL, Objective, StepMetrics, TeacherTargets, linear_distillation
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
+SPECULATORS_ARCHITECTURE = "Eagle3Speculator"  # the speculators format's name for an EAGLE-3 draft
 TTT_LENGTH, LOSS_DECAY = 7, 0.8  # the recipe's defaults (draft.ttt_length, draft.loss_decay)
 
 # Serving name → shape, in the head config's dimensions (layout.expected_shapes). q/k/v read
@@ -307,6 +309,39 @@ class Eagle3Head(DraftHead):
         check_tensors(tensors, self.config, allow_embed=False, required=TENSORS)
         return serving_config(self.config, aux_layer_ids, target_num_layers, tensors["fc.weight"].dtype), tensors
 
+    def speculators_layout(self, aux_layer_ids, target_num_layers, verifier: Verifier):
+        """vLLM's speculators format (speculators_config): the layer's LlamaConfig nested under
+        `transformer_layer_config`, the draft's own fields at the top, the target named as the verifier so
+        `vllm serve DIR` needs nothing else; the layer's tensors under `layers.0.` (the speculators
+        library's names). Layer ids are written when not the defaults, as given: only vLLM reads this."""
+        if aux_layer_ids is None or target_num_layers is None:
+            raise ExportError("an EAGLE-3 export needs the aux layer ids and the target's number of layers")
+        ids = check_aux_layer_ids(aux_layer_ids, target_num_layers)
+        tensors = served_tensors(self)
+        check_tensors(tensors, self.config, allow_embed=False, required=TENSORS)
+        layer = _served_fields(self.config, tensors["fc.weight"].dtype)
+        top = {key: layer.pop(key) for key in ("draft_vocab_size", "target_hidden_size", "norm_before_residual",
+                                                "dtype")}
+        for key in ("architectures", ID_KEY, "eagle_config"):
+            layer.pop(key, None)
+        config = {
+            "architectures": [SPECULATORS_ARCHITECTURE],
+            "speculators_model_type": "eagle3",
+            "speculators_config": {
+                "algorithm": "eagle3",
+                "default_proposal_method": "greedy",
+                "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": verifier.speculative_tokens,
+                                      "accept_tolerance": 0.0, "verifier_accept_k": 1}],
+                "verifier": {"name_or_path": verifier.name_or_path, "architectures": list(verifier.architectures)},
+            },
+            "transformer_layer_config": layer,
+            **top,
+        }
+        if ids != default_aux_layer_ids(target_num_layers):
+            config[ID_KEY] = ids
+        return config, {("layers.0." + k[len("midlayer."):] if k.startswith("midlayer.") else k): v
+                        for k, v in tensors.items()}
+
     @classmethod
     def reads(cls, raw_config: dict) -> bool:
         return raw_config.get("speculators_model_type") is not None or super().reads(raw_config)
@@ -420,17 +455,7 @@ def serving_config(config, aux_layer_ids, target_num_layers: int, dtype: torch.d
     top-level field gets them as given (vLLM) and `eagle_config` gets them minus one (SGLang adds one),
     with a warning because SGLang's reading changed across versions."""
     ids = check_aux_layer_ids(aux_layer_ids, target_num_layers)
-    cfg = config.to_dict()  # every field explicit: engine and transformers defaults differ across versions
-    cfg.update(
-        architectures=[ARCHITECTURE],
-        num_hidden_layers=1,
-        draft_vocab_size=config.draft_vocab_size,
-        target_hidden_size=getattr(config, "target_hidden_size", None) or config.hidden_size,
-        tie_word_embeddings=False,  # true would make SGLang use the embedding as lm_head
-        norm_before_residual=False,  # vLLM's speculators format defaults it to True
-        dtype=dtype_name(dtype),
-    )
-    add_legacy_rope(cfg)
+    cfg = _served_fields(config, dtype)
     # Drop ids the head's config may carry (e.g. loaded from another checkpoint) before deciding.
     cfg.pop(ID_KEY, None)
     eagle_config = dict(cfg.pop("eagle_config", None) or {})
@@ -452,6 +477,23 @@ def serving_config(config, aux_layer_ids, target_num_layers: int, dtype: torch.d
         )
     if eagle_config:
         cfg["eagle_config"] = eagle_config
+    return cfg
+
+
+def _served_fields(config, dtype: torch.dtype) -> dict:
+    """The head's config as every EAGLE-3 layout writes it, before the layer ids: every field explicit
+    (engine and transformers defaults differ across versions) and the fields engines misread fixed."""
+    cfg = config.to_dict()
+    cfg.update(
+        architectures=[ARCHITECTURE],
+        num_hidden_layers=1,
+        draft_vocab_size=config.draft_vocab_size,
+        target_hidden_size=getattr(config, "target_hidden_size", None) or config.hidden_size,
+        tie_word_embeddings=False,  # true would make SGLang use the embedding as lm_head
+        norm_before_residual=False,  # vLLM's speculators format defaults it to True
+        dtype=dtype_name(dtype),
+    )
+    add_legacy_rope(cfg)
     return cfg
 
 
