@@ -303,19 +303,21 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     query [B, H, T, d], key/value [B, kv_heads, T, d]; returns ([B, T, H, d], None). Inference only
     (the target is frozen); padding masks are not supported (rows are packed, never padded). With a KV
     cache (keys longer than queries: speculative decoding's verification, one sequence) it is plain
-    causal attention over the cache.
+    causal attention over the cache, or the 4D mask given (a draft tree's: each node sees its ancestors).
     """
-    if attention_mask is not None:
+    cached = key.shape[2] != query.shape[2]
+    if attention_mask is not None and not (cached and attention_mask.dim() == 4):
         raise ValueError("varlen attention reads conversation boundaries from position_ids, not an attention mask")
     if getattr(module, "sliding_window", None) or kwargs.get("sliding_window"):
         raise ValueError("varlen attention has no sliding window: use attn_implementation sdpa or flash_attention_2")
     b, h, t, d = query.shape
     scale = scaling if scaling is not None else d**-0.5
-    if key.shape[2] != t:  # a KV cache: decoding one sequence, whose new queries are its last t positions
+    if cached:  # a KV cache: decoding one sequence, whose new queries are its last t positions
         if b != 1:
             raise ValueError("varlen attention decodes one sequence at a time with a KV cache")
         total, groups = key.shape[2], h // key.shape[1]
-        mask = torch.ones(t, total, dtype=torch.bool, device=query.device).tril(total - t)
+        mask = attention_mask[:, :, :, :total] if attention_mask is not None else (
+            torch.ones(t, total, dtype=torch.bool, device=query.device).tril(total - t))
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=mask, scale=scale)
         return out.transpose(1, 2), None

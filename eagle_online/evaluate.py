@@ -129,6 +129,31 @@ class _CachedTarget:
         """Drop cached positions from `length` on."""
         self.cache.crop(length - self.cache.get_seq_length())  # transformers 5: a negative count to remove
 
+    def forward_tree(self, tokens: list[int], positions: list[int], parents: list[int]):
+        """A draft tree's verification in one forward: node i (tokens[i] at RoPE position positions[i],
+        parents[i] an earlier node, -1 for the root) sees the cache, its ancestors and itself."""
+        n, past = len(tokens), self.cache.get_seq_length()
+        sees = torch.zeros(n, n, dtype=torch.bool)
+        for i, parent in enumerate(parents):
+            sees[i, i] = True
+            if parent >= 0:
+                sees[i] |= sees[parent]
+        allowed = torch.cat([torch.ones(n, past, dtype=torch.bool), sees], 1).to(self.device)
+        dtype = self.target.lm_head_weight.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        ids = torch.tensor(tokens, device=self.device)
+        return self.target.decode(ids, torch.tensor(positions, device=self.device), self.cache, mask[None, None])
+
+    def keep_nodes(self, length: int, nodes: list[int]) -> None:
+        """Keep the first `length` cached positions and, after them, the given nodes of the tree the last
+        forward_tree appended there (in order): the cache then holds the accepted path only."""
+        idx = torch.cat([torch.arange(length), length + torch.tensor(nodes, dtype=torch.long)]).to(self.device)
+        for layer in self.cache.layers:
+            if type(layer).__name__ != "DynamicLayer":
+                raise ValueError(f"tree verification keeps plain KV cache layers only, not {type(layer).__name__} "
+                                 "(a sliding-window target): measure chain τ")
+            layer.keys, layer.values = layer.keys.index_select(-2, idx), layer.values.index_select(-2, idx)
+
 
 def _feature(step, drafter: Drafter):
     return getattr(step, drafter.feature) if drafter.feature else None
@@ -205,6 +230,155 @@ def speculative_generate(target: FrozenTarget, drafter: Drafter, prompt_ids: lis
     return Generation(tokens=out, accepted=accepted_per_step, num_draft_tokens=k)
 
 
+# ------------------------------------------------------------------------------------ draft trees
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """An EAGLE-2 dynamic draft tree as SGLang builds it: `topk` children per expanded node
+    (--speculative-eagle-topk), `num_steps` levels (--speculative-num-steps) and `num_draft_tokens` nodes
+    verified, the root (the last accepted token) included (--speculative-num-draft-tokens)."""
+
+    topk: int = 8
+    num_steps: int = 5
+    num_draft_tokens: int = 32
+
+    def __post_init__(self):
+        if min(self.topk, self.num_steps) < 1 or self.num_draft_tokens < 2:
+            raise ValueError(f"a draft tree needs topk, num_steps >= 1 and num_draft_tokens >= 2, got {self}")
+
+
+@dataclass
+class DraftTree:
+    """Drafted nodes, parents before children, siblings by falling draft probability; `parents[i]` is
+    an earlier node or -1 for the root."""
+
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int]  # 1 for the root's children
+
+
+def draft_tree(drafter: Drafter, proposal: DraftStep, position: int, shape: TreeShape) -> DraftTree:
+    """EAGLE-2's dynamic tree: the root's top-k tokens by the draft's probability; then, level by level,
+    the `topk` nodes of the newest level with the highest cumulative log-probability (the product of the
+    draft probabilities along the path) each get their top-k children; at the end the
+    `num_draft_tokens - 1` best nodes of all levels are kept (a child never scores above its parent,
+    ties go to the shallower node, so every kept node's ancestors are kept). A node is expanded by
+    replaying its path through the drafter (`Drafter.path`, first chain position `position`)."""
+    tokens, parents, depths, scores = [], [], [], []
+
+    def children(step: DraftStep, parent: int, depth: int) -> list[int]:
+        logp = torch.log_softmax(step.logits.double(), -1)
+        top = logp.topk(min(shape.topk, logp.numel()))
+        base = scores[parent] if parent >= 0 else 0.0
+        new = []
+        for value, token in zip(top.values.tolist(), top.indices.tolist()):
+            if value == float("-inf"):  # outside the draft vocabulary
+                break
+            tokens.append(token), parents.append(parent), depths.append(depth), scores.append(base + value)
+            new.append(len(tokens) - 1)
+        return new
+
+    def path_to(i: int) -> list[int]:
+        out = []
+        while i >= 0:
+            out.append(tokens[i])
+            i = parents[i]
+        return out[::-1]
+
+    frontier = children(proposal, -1, 1)
+    for depth in range(2, shape.num_steps + 1):
+        level = [c for i in frontier for c in children(drafter.path(path_to(i), position), i, depth)]
+        frontier = sorted(level, key=lambda i: -scores[i])[: shape.topk]
+    kept = sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i], i))[: shape.num_draft_tokens - 1]
+    order = sorted(kept, key=lambda i: (depths[i], parents[i] if parents[i] < 0 else kept.index(parents[i]),
+                                        -scores[i], i))
+    where = {old: new for new, old in enumerate(order)}
+    return DraftTree(tokens=[tokens[i] for i in order], parents=[where[parents[i]] if parents[i] >= 0 else -1
+                                                                 for i in order],
+                     depths=[depths[i] for i in order])
+
+
+def accept_tree(tree: DraftTree, target_logits: torch.Tensor, temperature: float,
+                gen: torch.Generator | None) -> tuple[list[int], int]:
+    """The acceptance rule for one tree verification: (the accepted nodes, root to leaf, and the token that
+    follows). `target_logits` [1 + nodes, V]: row 0 the root's, row 1 + i node i's.
+
+    Greedy: follow the child equal to the target's argmax while there is one. At T > 0, at each node the
+    children are tried in order (their draft probabilities falling) by recursive rejection sampling with
+    the drafts taken as given: child x is accepted with probability p(x) under the target's current
+    distribution p, else p loses x and is renormalised; when every child is rejected the next token is
+    sampled from what is left of p. Each token produced is distributed exactly as the target samples it."""
+    kids: dict[int, list[int]] = {}
+    for i, parent in enumerate(tree.parents):
+        kids.setdefault(parent, []).append(i)
+    path, node = [], -1
+    while True:
+        logits = target_logits[node + 1]
+        options = kids.get(node, [])
+        if temperature == 0:
+            best = int(logits.argmax())
+            match = next((c for c in options if tree.tokens[c] == best), None)
+            if match is None:
+                return path, best
+            path.append(match)
+            node = match
+            continue
+        p = torch.softmax(logits.double() / temperature, -1)
+        for c in options:
+            x = tree.tokens[c]
+            u = float(torch.rand((), generator=gen, dtype=torch.float64, device=p.device))
+            if u < p[x]:
+                break
+            p[x] = 0.0
+            total = p.sum()
+            if total <= 0:  # the children held all of p's mass
+                return path, int(torch.softmax(logits.double() / temperature, -1).argmax())
+            p /= total
+        else:
+            return path, int(torch.multinomial(p, 1, generator=gen))
+        path.append(c)
+        node = c
+
+
+@torch.no_grad()
+def speculative_generate_tree(target: FrozenTarget, drafter: Drafter, prompt_ids: list[int], *, tree: TreeShape,
+                              max_new_tokens: int, temperature: float = 0.0, eos_ids=(),
+                              gen: torch.Generator | None = None) -> Generation:
+    """speculative_generate with a draft tree per round (draft_tree, verified by one target forward with
+    a tree attention mask, accept_tree); the drafter commits the accepted path with the target's
+    features at its nodes. `Generation.accepted` counts accepted nodes (at most tree.num_steps)."""
+    eos = set(eos_ids)
+    cached = _CachedTarget(target)
+    drafter.reset()
+    n = len(prompt_ids)
+    step = cached.forward(prompt_ids, 0)
+    out = [_sample(step.logits[-1], temperature, gen)]
+    device = cached.device
+    proposal = drafter.extend(_feature(step, drafter), torch.tensor(prompt_ids[1:] + out, device=device),
+                              torch.arange(n, device=device))
+    accepted_per_step: list[int] = []
+    while len(out) < max_new_tokens and out[-1] not in eos:
+        length = n + len(out)  # L: the target cache holds L-1 tokens
+        drafted = draft_tree(drafter, DraftStep(proposal.logits.to(device)), length - 1, tree)
+        verify = cached.forward_tree([out[-1]] + drafted.tokens,
+                                     [length - 1] + [length - 1 + d for d in drafted.depths],
+                                     [-1] + [p + 1 for p in drafted.parents])
+        path, nxt = accept_tree(drafted, verify.logits, temperature, gen)
+        accepted_per_step.append(len(path))
+        rows = [0] + [i + 1 for i in path]
+        cached.keep_nodes(length - 1, rows)
+        new = [drafted.tokens[i] for i in path] + [nxt]
+        feats = _feature(verify, drafter)
+        proposal = drafter.extend(None if feats is None else feats[rows], torch.tensor(new, device=device),
+                                  torch.arange(length - 1, length + len(path), device=device))
+        for t in new:
+            out.append(t)
+            if t in eos or len(out) >= max_new_tokens:
+                break
+    return Generation(tokens=out, accepted=accepted_per_step, num_draft_tokens=tree.num_steps)
+
+
 @torch.no_grad()
 def greedy_generate(target: FrozenTarget, prompt_ids: list[int], max_new_tokens: int, eos_ids=()) -> list[int]:
     """Plain greedy decoding, one target forward per token (the reference speculative greedy must equal)."""
@@ -229,14 +403,16 @@ class EvalResult:
     verify_forwards: int
     tokens: int
     temperature: float
-    num_draft_tokens: int
+    num_draft_tokens: int  # chain: k; tree: its num_steps (the deepest node), acceptance being per level
     samples: list[dict]
+    tree: dict | None = None  # the TreeShape decoded with, None for chain decoding
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def summarize(generations: list[Generation], temperature: float, samples: list[dict]) -> EvalResult:
+def summarize(generations: list[Generation], temperature: float, samples: list[dict],
+              tree: TreeShape | None = None) -> EvalResult:
     """τ and per-position acceptance of a set of generations."""
     k = generations[0].num_draft_tokens if generations else 0
     reached, accepted = [0] * k, [0] * k
@@ -253,6 +429,7 @@ def summarize(generations: list[Generation], temperature: float, samples: list[d
         temperature=temperature,
         num_draft_tokens=k,
         samples=samples,
+        tree=asdict(tree) if tree is not None else None,
     )
 
 
@@ -265,10 +442,15 @@ def _eos_ids(tokenizer, target: FrozenTarget) -> list[int]:
 
 
 def evaluate(target: FrozenTarget, tokenizer, drafter: Drafter, prompts: list[EvalPrompt], *, num_draft_tokens: int = 4,
-             max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0, progress=None) -> EvalResult:
+             max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0, progress=None,
+             tree: TreeShape | None = None) -> EvalResult:
     """Speculative decoding over `prompts` (multi-turn prompts answer each turn in turn, the model's own
-    replies kept as history); τ, acceptance per draft position, and the text of each reply.
-    `progress(done, total)` is called after each prompt."""
+    replies kept as history); τ, acceptance per draft position, and the text of each reply. With `tree`,
+    each round drafts and verifies an EAGLE-2 tree of that shape instead of a chain of
+    `num_draft_tokens`. `progress(done, total)` is called after each prompt."""
+    if tree is not None and str(getattr(target.config, "_attn_implementation", "")).startswith("flash"):
+        raise ValueError("tree τ verifies a draft tree with an attention mask, which flash attention does not "
+                         "take: load the target with target.attn_implementation=sdpa")
     gen = torch.Generator(device=target.lm_head_weight.device).manual_seed(seed)
     eos = _eos_ids(tokenizer, target)
     generations, samples = [], []
@@ -280,8 +462,12 @@ def evaluate(target: FrozenTarget, tokenizer, drafter: Drafter, prompts: list[Ev
             if turn is not None:
                 history.append({"role": "user", "content": turn})
             ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False)
-            g = speculative_generate(target, drafter, list(ids), num_draft_tokens=num_draft_tokens,
-                                     max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=eos, gen=gen)
+            if tree is None:
+                g = speculative_generate(target, drafter, list(ids), num_draft_tokens=num_draft_tokens,
+                                         max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=eos, gen=gen)
+            else:
+                g = speculative_generate_tree(target, drafter, list(ids), tree=tree, max_new_tokens=max_new_tokens,
+                                              temperature=temperature, eos_ids=eos, gen=gen)
             generations.append(g)
             text = tokenizer.decode(g.tokens, skip_special_tokens=True)
             replies.append(text)
@@ -289,7 +475,7 @@ def evaluate(target: FrozenTarget, tokenizer, drafter: Drafter, prompts: list[Ev
         samples.append({"id": prompt.id, "replies": replies})
         if progress is not None:
             progress(len(samples), len(prompts))
-    return summarize(generations, temperature, samples)
+    return summarize(generations, temperature, samples, tree)
 
 
 # ------------------------------------------------------------------------------------ baselines
@@ -356,9 +542,10 @@ def _say(text: str, end: str = "\n") -> None:
 
 def evaluate_draft(recipe, draft_dir, prompts_path: str, *, temperatures=(0.0,), num_prompts: int | None = None,
                    skip_prompts: int = 0, num_draft_tokens: int = 4, max_new_tokens: int = 128, seed: int = 0,
-                   bigram: bool = False, verbose: bool = False) -> dict:
+                   bigram: bool = False, verbose: bool = False, tree: TreeShape | None = None) -> dict:
     """Load the recipe's target and the draft in `draft_dir` (any layout export.load_draft reads) and
     measure τ at each temperature; `bigram` adds the bigram baseline counted from the recipe's data.
+    With `tree`, each drafter is also measured with draft trees of that shape (`NAME tree` beside `NAME`).
     `verbose` says on stderr what it is doing (reading and counting the data, each prompt decoded).
     Returns {"draft", "prompts", "results": {name: {str(T): EvalResult dict}}}."""
     say = _say if verbose else (lambda text, end="\n": None)
@@ -383,23 +570,35 @@ def evaluate_draft(recipe, draft_dir, prompts_path: str, *, temperatures=(0.0,),
             progress=lambda done, total: say(f"\rbigram: counted {done}/{total} sequences",
                                              "\n" if done == total else ""))
     results: dict = {}
+    shapes = {"": None, " tree": tree} if tree is not None else {"": None}
     for name, drafter in drafters.items():
-        for t in temperatures:
-            label = f"{name} T={t:g}"
-            say(f"{label}: decoding {len(prompts)} prompts")
-            result = evaluate(target, tokenizer, drafter, prompts, num_draft_tokens=num_draft_tokens,
-                              max_new_tokens=max_new_tokens, temperature=t, seed=seed,
-                              progress=lambda done, total, label=label: say(f"\r{label}: {done}/{total} prompts",
-                                                                            "\n" if done == total else ""))
-            results.setdefault(name, {})[str(t)] = result.to_dict()
+        for suffix, shape in shapes.items():
+            for t in temperatures:
+                label = f"{name}{suffix} T={t:g}"
+                say(f"{label}: decoding {len(prompts)} prompts")
+                result = evaluate(target, tokenizer, drafter, prompts, num_draft_tokens=num_draft_tokens,
+                                  max_new_tokens=max_new_tokens, temperature=t, seed=seed, tree=shape,
+                                  progress=lambda done, total, label=label: say(f"\r{label}: {done}/{total} prompts",
+                                                                                "\n" if done == total else ""))
+                results.setdefault(name + suffix, {})[str(t)] = result.to_dict()
     return {"draft": str(draft_dir), "prompts": prompts_path, "num_prompts": len(prompts), "results": results}
 
 
 def format_table(results: dict) -> str:
-    """A text table of {name: {temperature: EvalResult dict}}: τ and acceptance per draft position."""
+    """A text table of {name: {temperature: EvalResult dict}}: τ and acceptance per draft position (per
+    tree level for a tree, whose shape is named below the table)."""
     lines = [f"{'draft':<12} {'T':>5} {'tau':>6}  acceptance per position"]
+    shapes = {json_shape(r["tree"]) for by_t in results.values() for r in by_t.values() if r.get("tree")}
     for name, by_t in results.items():
         for t, r in by_t.items():
             acc = " ".join(f"{a:.2f}" for a in r["acceptance"])
             lines.append(f"{name:<12} {float(t):>5.2f} {r['tau']:>6.3f}  {acc}")
+    for shape in sorted(shapes):
+        lines.append(f"tree: {shape}; the other rows draft a chain of k tokens")
     return "\n".join(lines)
+
+
+def json_shape(tree: dict) -> str:
+    """A TreeShape's dict in SGLang's words."""
+    return (f"--speculative-eagle-topk {tree['topk']} --speculative-num-steps {tree['num_steps']} "
+            f"--speculative-num-draft-tokens {tree['num_draft_tokens']}")

@@ -171,6 +171,13 @@ class DraftConfig(_Section):
 class EvalConfig(_Section):
     """τ by speculative decoding on held-out prompts during training (eagle_online.evaluate)."""
 
+    @field_validator("tree")
+    @classmethod
+    def _tree_shape(cls, v):
+        if v is not None and (len(v) != 3 or min(v[:2]) < 1 or v[2] < 2):
+            raise ValueError(f"tree is [topk >= 1, num_steps >= 1, num_draft_tokens >= 2], got {v}")
+        return v
+
     every: int | None = Field(default=None, gt=0, description="optimizer steps between evaluations; none: never")
     prompts: str = Field("builtin:sharegpt", description="JSONL (MT-bench `turns`, `prompt` or `messages`) or "
                          "builtin:sharegpt")
@@ -179,6 +186,10 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(64, gt=0)
     num_draft_tokens: int = Field(4, gt=0, description="k: tokens drafted per target forward")
     temperature: float = Field(0.0, ge=0, description="0: greedy; > 0: rejection sampling at this temperature")
+    tree: list[int] | None = Field(
+        default=None, description="[topk, num_steps, num_draft_tokens]: launch/eval.py also measures τ with EAGLE-2 "
+        "draft trees of this shape (SGLang's --speculative-eagle-topk, --speculative-num-steps, "
+        "--speculative-num-draft-tokens, the root counted), beside the chain's")
     min_prompts_for_best: int = Field(
         8, gt=0, description="training.export_checkpoint=best needs τ measured on at least this many prompts "
         "(τ from a handful of prompts is noise)")

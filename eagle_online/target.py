@@ -183,13 +183,17 @@ class FrozenTarget(nn.Module):
         return kwargs
 
     @torch.no_grad()
-    def decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache) -> TargetStep:
+    def decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache,
+               attention_mask: torch.Tensor | None = None) -> TargetStep:
         """Extend one sequence by new tokens ([m] each) through a transformers KV cache (a DynamicCache
-        holding the tokens before them): their aux features, final hidden states and full logits."""
+        holding the tokens before them): their aux features, final hidden states and full logits.
+        `attention_mask` [1, 1, m, cached + m], additive (0 or the dtype's minimum), replaces the causal
+        mask (a draft tree's verification)."""
         self._captured.clear()
         base = self.model.get_decoder()
+        extra = {} if attention_mask is None else {"attention_mask": attention_mask}
         out = base(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=True,
-                   **{self._cache_arg: cache})
+                   **{self._cache_arg: cache}, **extra)
         last = out.last_hidden_state[0]
         aux = torch.cat([self._captured.pop(i)[0] for i in self.aux_layer_ids], dim=-1)
         with full_params(self.lm_head_weight):  # gathered under ZeRO-3 (every rank decodes the same prompts)

@@ -7,6 +7,8 @@
 EAGLE-3 releases, SpecForge/SGLang or vLLM speculators checkpoints. --prompts is a JSONL file of
 MT-bench `question.jsonl` records (`turns`, answered turn by turn), `prompt` or `messages` records,
 or builtin:sharegpt. Greedy (T=0) output is token-identical to the target's own greedy decoding.
+τ is measured with a chain of k drafted tokens per target forward (what vLLM's EAGLE-3 runs by default);
+with --tree (or the recipe's eval.tree) also with EAGLE-2 draft trees, as SGLang runs them, side by side.
 Progress (reading and counting the data for --bigram, each prompt decoded) goes to stderr, the table
 to stdout.
 """
@@ -16,7 +18,7 @@ import sys
 from pathlib import Path
 
 from eagle_online.errors import UserError
-from eagle_online.evaluate import evaluate_draft, format_table
+from eagle_online.evaluate import TreeShape, evaluate_draft, format_table
 from eagle_online.export import ExportError
 from eagle_online.recipe import load_recipe
 from eagle_online.trainer import check_target
@@ -47,6 +49,10 @@ def main(argv=None) -> int:
     parser.add_argument("-k", "--num-draft-tokens", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tree", type=int, nargs=3, metavar=("TOPK", "STEPS", "NODES"),
+                        help="also measure τ with EAGLE-2 draft trees: top-k children, levels, nodes verified (the "
+                        "root counted), as SGLang's --speculative-eagle-topk/-num-steps/-num-draft-tokens "
+                        "(default: the recipe's eval.tree; none: chain only)")
     parser.add_argument("--bigram", action="store_true", help="add the bigram baseline counted from the recipe's data")
     parser.add_argument("--out", type=Path, help="write the results (with the generated text) as JSON")
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides")
@@ -58,7 +64,8 @@ def main(argv=None) -> int:
         report = evaluate_draft(recipe, args.draft, args.prompts, temperatures=args.temperature,
                                 num_prompts=args.num_prompts, skip_prompts=args.skip_prompts,
                                 num_draft_tokens=args.num_draft_tokens, max_new_tokens=args.max_new_tokens,
-                                seed=args.seed, bigram=args.bigram, verbose=True)
+                                seed=args.seed, bigram=args.bigram, verbose=True,
+                                tree=TreeShape(*shape) if (shape := args.tree or recipe.eval.tree) else None)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -61,14 +61,18 @@ def test_launch_eval_measures_an_exported_draft(tmp_path, capsys):
     out = tmp_path / "tau.json"
     assert cli.main(["--recipe", "tiny_eagle3", "--draft", str(tmp_path / "draft"), "--prompts", "builtin:sharegpt",
                      "--skip-prompts", "5000", "--num-prompts", "2", "--max-new-tokens", "12", "--temperature", "0",
-                     "1", "--bigram", "--out", str(out), "data.sources.0.max_rows=50"]) == 0
+                     "1", "--bigram", "--tree", "3", "2", "6", "--out", str(out), "data.sources.0.max_rows=50"]) == 0
     report = json.loads(out.read_text())
-    for name in ("draft", "bigram"):
+    for name in ("draft", "bigram", "draft tree", "bigram tree"):
         for t in ("0.0", "1.0"):
             r = report["results"][name][t]
-            assert r["tau"] >= 1.0 and len(r["acceptance"]) == 4 and r["verify_forwards"] > 0
+            assert r["tau"] >= 1.0 and len(r["acceptance"]) == (2 if "tree" in name else 4) and r["verify_forwards"] > 0
             assert len(r["samples"]) == 2 and all(s["replies"][0] for s in r["samples"])
-    assert "bigram" in capsys.readouterr().out
+            assert r["tree"] == ({"topk": 3, "num_steps": 2, "num_draft_tokens": 6} if "tree" in name else None)
+    # greedy: chain and tree decode the target's own reply
+    assert report["results"]["draft"]["0.0"]["samples"] == report["results"]["draft tree"]["0.0"]["samples"]
+    table = capsys.readouterr().out
+    assert "bigram tree" in table and "tree: --speculative-eagle-topk 3 --speculative-num-steps 2" in table
     assert cli.main(["--recipe", "tiny_eagle3", "--draft", str(tmp_path / "nowhere"), "--prompts",
                      "builtin:sharegpt"]) == 2
     assert "no config.json" in capsys.readouterr().err

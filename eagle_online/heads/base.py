@@ -212,6 +212,19 @@ class Drafter:
     def chain(self, token: int, position: int) -> DraftStep:
         raise NotImplementedError
 
+    def rewind(self) -> None:
+        """Forget the chain steps since the last `extend` (nothing to forget for a drafter whose chain
+        step reads only the token it is given)."""
+
+    def path(self, tokens: list[int], position: int) -> DraftStep:
+        """The proposal after drafting `tokens` as chain steps from the last `extend` (the first at RoPE
+        position `position`): a draft tree's node is expanded by replaying the path to it."""
+        self.rewind()
+        step = None
+        for j, token in enumerate(tokens):
+            step = self.chain(token, position + j)
+        return step
+
 
 class LayerDrafter(Drafter):
     """A drafter for heads with one KV-cached decoder layer (EAGLE-3, EAGLE-1/2): accepted pairs are
@@ -222,6 +235,7 @@ class LayerDrafter(Drafter):
     def reset(self) -> None:
         self.cache = LayerKVCache()
         self._last: torch.Tensor | None = None  # the layer's output at the newest position(s)
+        self._committed_last: torch.Tensor | None = None  # ... as the last extend left it
 
     def _fuse(self, features: torch.Tensor) -> torch.Tensor:
         return features
@@ -235,9 +249,13 @@ class LayerDrafter(Drafter):
     @torch.no_grad()
     def extend(self, features, tokens, positions) -> DraftStep:
         self.cache.rollback()
-        self._last = self._layer(self._fuse(features), tokens, positions)
+        self._last = self._committed_last = self._layer(self._fuse(features), tokens, positions)
         self.cache.commit()
         return self._propose()
+
+    def rewind(self) -> None:
+        self.cache.rollback()
+        self._last = self._committed_last
 
     @torch.no_grad()
     def chain(self, token: int, position: int) -> DraftStep:
