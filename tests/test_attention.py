@@ -204,3 +204,15 @@ def test_cuda_varlen_matches_math_kernel_with_diagonal_keys():
         results.append([out, *[x.grad for x in xs]])
     for a, b in zip(*results):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.float().abs().max().item())
+
+
+def test_document_layout_regroups_and_restores_tokens():
+    # Two rows: the second starts mid-sequence with position 3 (still a new conversation for the row).
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [3, 4, 0, 1, 2, 3]])
+    layout = DocumentLayout.from_position_ids(pos)
+    assert layout.valid.sum(1).tolist() == [3, 2, 1, 2, 4]
+    assert layout.doc.tolist() == [[0, 0, 0, 1, 1, 2], [3, 3, 4, 4, 4, 4]]
+    tokens = torch.arange(12)
+    padded = layout.pad(tokens)
+    assert padded[layout.valid].tolist() == list(range(12))
+    assert torch.equal(layout.unpad(padded), tokens)

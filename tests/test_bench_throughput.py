@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from eagle_online.timing import PHASES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +37,7 @@ def _check(result: dict, steps: int) -> None:
     assert result["head_saved_bytes"] > 0 and result["head_saved_bytes_per_token"] > result["config"]["target_hidden"]
 
 
+@pytest.mark.slow
 def test_throughput_on_the_tiny_recipe(tmp_path):
     """As a user runs it: the tiny recipe's real target and data, JSON written and a table printed."""
     out = tmp_path / "bench.json"

@@ -1,8 +1,11 @@
 """Speculative decoding (eagle_online.evaluate): greedy output equals the target's own greedy decoding
 for every head, sampled output is distributed as the target's, the KV-cached drafters compute what
-the heads were trained to compute, and prompt files are read (or refused) as documented."""
+the heads were trained to compute, prompt files are read (or refused) as documented, and launch/eval.py
+measures an exported draft as a user runs it."""
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,11 +24,12 @@ from eagle_online.heads.base import Drafter, DraftStep
 from eagle_online.heads.eagle import ARCHITECTURE as EAGLE
 from eagle_online.heads.eagle3 import DocumentLayout
 from eagle_online.heads.mlp import ARCHITECTURE as MLP
-from eagle_online.recipe import DraftConfig
+from eagle_online.recipe import DraftConfig, load_recipe
 from eagle_online.target import FrozenTarget
 from tests.conftest import tiny_llama_config
 
 VOCAB, DRAFT_VOCAB = 97, 40
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _vocab_map(generator):
@@ -275,3 +279,43 @@ def test_summarize_acceptance_per_position():
     assert r.acceptance == [pytest.approx(3 / 4), pytest.approx(2 / 3), pytest.approx(2 / 2)]
     # The conditional rates telescope: τ = 1 + Σ_j Π_{i<=j} acceptance_i (the τ̂ formula, measured).
     assert math.isclose(1 + sum(math.prod(r.acceptance[: j + 1]) for j in range(3)), r.tau, rel_tol=1e-12)
+
+
+def test_launch_eval_measures_an_exported_draft(tmp_path, capsys):
+    """An untrained tiny EAGLE-3 head, exported, measured by the entry point at T=0 and T=1 with the
+    bigram beside it; the JSON carries τ, per-position acceptance and the text."""
+    from eagle_online.export import export_head
+    from eagle_online.heads import build_head, draft_config
+    from eagle_online.target import FrozenTarget, load_target_model
+
+    recipe = load_recipe("tiny_eagle3", ["data.sources.0.max_rows=50"])
+    model = load_target_model(recipe.target, torch.device("cpu"))
+    ids = torch.arange(0, 4096, 2)
+    target = FrozenTarget(model, None, ids)
+    head = build_head(draft_config(recipe.draft.architecture, model.config, recipe.draft, 4096))
+    t2d = torch.zeros(4096, dtype=torch.bool)
+    t2d[ids] = True
+    head.init_from_target(target.embed_weight, target.lm_head_draft, ids - torch.arange(2048), t2d)
+    export_head(head, tmp_path / "draft", [2, 4, 5], 8)
+
+    spec = importlib.util.spec_from_file_location("launch_eval", ROOT / "launch" / "eval.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "tau.json"
+    assert cli.main(["--recipe", "tiny_eagle3", "--draft", str(tmp_path / "draft"), "--prompts", "builtin:sharegpt",
+                     "--skip-prompts", "5000", "--num-prompts", "2", "--max-new-tokens", "12", "--temperature", "0",
+                     "1", "--bigram", "--tree", "3", "2", "6", "--out", str(out), "data.sources.0.max_rows=50"]) == 0
+    report = json.loads(out.read_text())
+    for name in ("draft", "bigram", "draft tree", "bigram tree"):
+        for t in ("0.0", "1.0"):
+            r = report["results"][name][t]
+            assert r["tau"] >= 1.0 and len(r["acceptance"]) == (2 if "tree" in name else 4) and r["verify_forwards"] > 0
+            assert len(r["samples"]) == 2 and all(s["replies"][0] for s in r["samples"])
+            assert r["tree"] == ({"topk": 3, "num_steps": 2, "num_draft_tokens": 6} if "tree" in name else None)
+    # greedy: chain and tree decode the target's own reply
+    assert report["results"]["draft"]["0.0"]["samples"] == report["results"]["draft tree"]["0.0"]["samples"]
+    table = capsys.readouterr().out
+    assert "bigram tree" in table and "tree: --speculative-eagle-topk 3 --speculative-num-steps 2" in table
+    assert cli.main(["--recipe", "tiny_eagle3", "--draft", str(tmp_path / "nowhere"), "--prompts",
+                     "builtin:sharegpt"]) == 2
+    assert "no config.json" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from eagle_online.trainer import Trainer
 LR = 1e-3
 
 
+@pytest.mark.slow
 def test_per_layer_feature_scale_trains_each_block_at_its_scale_and_exports_plain(tmp_path):
     run = tmp_path / "run"
     recipe = load_recipe("tiny_eagle3", [

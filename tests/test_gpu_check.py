@@ -13,6 +13,8 @@ import time
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["wheels", "env", "pytest_gpu", "bench_llama3_8b_16k", "bench_llama3_8b_32k", "bench_qwen3_8b_16k",
           "bench_llama3_70b_8k"]
@@ -41,6 +43,7 @@ def _fake_kit(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_dry_run_reports_every_stage_and_a_failure_stops_nothing(tmp_path):
     """`bash launch/gpu_check.sh --cpu OUT` with a failure injected into a middle stage: every other stage
     passes, or skips saying why (the GPU tests: no CUDA); the failed one is FAIL and the stages after it still

@@ -4,6 +4,8 @@ Tolerances per dtype: fp64 agrees to rounding (1e-12); fp32 to 1e-5 relative (su
 under bf16 autocast both sides round the logits to bf16 but at different points (the plain version
 rounds its [N, V] logits, the fused one its per-chunk gradient), so 2e-2.
 """
+import math
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from eagle_online.losses import (
     StepMetrics,
     TeacherTargets,
     accuracy,
+    expected_acceptance_length,
     linear_distillation,
     soft_cross_entropy,
 )
@@ -190,3 +193,27 @@ def test_lk_alpha_under_bf16_autocast():
     torch.testing.assert_close(out.loss.detach().double(), plain[0], rtol=2e-2, atol=2e-3)
     for got, want in ((h.grad, plain[2]), (w.grad, plain[3])):
         assert (got.double() - want).norm() / want.norm() < 5e-2
+
+
+def test_soft_cross_entropy_by_hand():
+    student = torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 3.0]])
+    teacher = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.1, 0.7]])
+    expected = 0.0
+    for row in range(2):
+        zs = [math.exp(v) for v in student[row].tolist()]
+        for v in range(3):
+            expected += -teacher[row, v].item() * math.log(zs[v] / sum(zs))
+    expected /= 2
+    assert soft_cross_entropy(student, teacher).item() == pytest.approx(expected, rel=1e-6)
+    # The gradient is softmax(student) - teacher, per row, over the number of rows.
+    z = student.clone().requires_grad_(True)
+    soft_cross_entropy(z, teacher).backward()
+    torch.testing.assert_close(z.grad, (torch.softmax(student, -1) - teacher) / 2)
+    assert accuracy(student, teacher).item() == pytest.approx(0.5)  # argmax 1 vs 0 (tie: first), 2 vs 2
+    assert soft_cross_entropy(student[:0], teacher[:0]).item() == 0.0
+
+
+def test_tau_hat():
+    assert expected_acceptance_length([]) == 1.0
+    assert expected_acceptance_length([0.5, 0.5]) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_acceptance_length([1.0, 0.0, 1.0]) == pytest.approx(2.0)

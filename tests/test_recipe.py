@@ -22,7 +22,7 @@ def test_every_recipe_validates(path):
     assert again == recipe
 
 
-def test_named_recipes_match_the_issue():
+def test_shipped_recipes_name_their_targets_and_sizes():
     llama = load_recipe("llama3_eagle3")
     assert llama.target.model == "meta-llama/Llama-3.1-8B-Instruct"
     assert (llama.draft.draft_vocab_size, llama.draft.ttt_length, llama.training.lr, llama.data.max_length) == (

@@ -40,6 +40,7 @@ def run(tmp_path_factory):
     return out, procs[0].stdout, procs[0].stderr, procs[1].stdout
 
 
+@pytest.mark.slow  # the module's run fixture trains in a subprocess
 def test_banner_names_what_the_run_will_do(run):
     out, stdout, stderr, _ = run
     banner = stdout[stdout.index("eagle_online run 'tiny_eagle3'\n"):]
@@ -56,6 +57,7 @@ def test_banner_names_what_the_run_will_do(run):
     assert "WARNING" not in stderr  # a 2.7M target on a CPU is what the tiny recipe is for
 
 
+@pytest.mark.slow  # the module's run fixture trains in a subprocess
 def test_plain_lines_every_log_every_steps_and_after_each_evaluation(run):
     _, stdout, _, _ = run
     lines = stdout.splitlines()
@@ -71,6 +73,7 @@ def test_plain_lines_every_log_every_steps_and_after_each_evaluation(run):
     assert lines.index(floor_line) < lines.index(steps[0])
 
 
+@pytest.mark.slow  # the module's run fixture trains in a subprocess
 def test_summary_and_export_card(run):
     """The first run's summary, and the card of the export the resumed run (to step 8) replaced it with."""
     out, stdout, _, _ = run
@@ -112,6 +115,7 @@ def test_summary_and_export_card(run):
         assert needle in card, needle
 
 
+@pytest.mark.slow  # the module's run fixture trains in a subprocess
 def test_the_export_with_its_card_still_loads_and_eval_shows_progress(run, capsys):
     """The card's files sit beside config.json and model.safetensors without changing what a loader reads;
     launch/eval.py --bigram says what it is doing on stderr."""
@@ -126,6 +130,7 @@ def test_the_export_with_its_card_still_loads_and_eval_shows_progress(run, capsy
         assert needle in captured.err, (needle, captured.err)
 
 
+@pytest.mark.slow  # the module's run fixture trains in a subprocess
 def test_curves_and_plot(run, tmp_path, capsys):
     out = run[0]
     svg = ET.parse(out / "curves.svg").getroot()  # well-formed XML
@@ -140,6 +145,7 @@ def test_curves_and_plot(run, tmp_path, capsys):
     assert "no metrics.jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the module's run fixture trains in a subprocess
 def test_an_export_of_a_run_with_few_records_says_what_it_does_not_know(run, tmp_path):
     """A run directory copied without its metrics and recipe (or from an older version) still exports, and
     the card says τ was not measured and the target is not recorded, rather than inventing either."""
@@ -158,6 +164,7 @@ def test_an_export_of_a_run_with_few_records_says_what_it_does_not_know(run, tmp
     assert meta["tau"]["last"] is None and meta["serve"] == {} and meta["checkpoint"]["why"] == "the last step"
 
 
+@pytest.mark.slow  # the module's run fixture trains in a subprocess
 def test_a_resumed_run_says_so_and_keeps_its_floors(run):
     out, first, _, resumed = run
     assert "resuming at step 6 (step_00000006, written by 1 process(es))" in resumed

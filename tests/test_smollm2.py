@@ -30,6 +30,8 @@ from eagle_online.recipe import RecipeError, TargetConfig, load_recipe, resolve_
 from tests.test_chat_templates import PARIS, ROME, SPACED_CHAT, SYSTEM_CHAT, THREE
 from tests.test_export import _step_twice
 
+pytestmark = pytest.mark.slow  # materialises and trains a real 135M-parameter model
+
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "smollm2-135m-instruct"
 MODEL = f"builtin:{NAME}"

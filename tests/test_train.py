@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from eagle_online.metrics import read_metrics
 from tests.conftest import SHAREGPT_SAMPLE
 
+pytestmark = pytest.mark.slow  # each test starts training processes
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "launch" / "train.py"
 

@@ -147,6 +147,7 @@ def test_a_chain_shaped_tree_accepts_what_the_chain_accepts():
     assert tree.accepted == chain.accepted and tree.tokens == chain.tokens
 
 
+@pytest.mark.slow
 def test_on_a_trained_draft_the_tree_accepts_at_least_the_chain(tmp_path):
     """A tiny EAGLE-1 draft trained for a few steps, measured greedily on held-out ShareGPT prompts: the
     tree (top-4, 3 levels, 12 nodes) accepts at least what the 3-token chain does, averaged over the
