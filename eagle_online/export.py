@@ -147,7 +147,7 @@ CARD_NAME = "README.md"
 METADATA_NAME = "eagle_online.json"
 
 
-def _serve_method(architecture: str) -> tuple[str, str] | None:
+def _serve_method(architecture: str) -> tuple[str | None, str] | None:
     """How the engines are told to run a head (its SERVE_METHOD), None when none serves it."""
     return HEADS[architecture].head.SERVE_METHOD if architecture in HEADS else None
 
@@ -158,9 +158,12 @@ def speculators_dir(out) -> Path:
     return out.with_name(out.name + SPECULATORS_SUFFIX)
 
 
-def serve_commands(target: str, draft_dir, architecture: str, fmt: str = "eagle3") -> dict[str, str]:
+def serve_commands(target: str, draft_dir, architecture: str, fmt: str = "eagle3",
+                   num_speculative_tokens: int = 3) -> dict[str, str]:
     """The SGLang and vLLM commands that serve `draft_dir` beside `target` (the README's, with the names
-    filled in); empty for a head no engine serves (the MLP baseline). `fmt` is export.format: a
+    filled in); empty for a head no engine serves (the MLP baseline), vLLM's alone for a head SGLang does
+    not serve (SERVE_METHOD's SGLang side None: the MLP speculator, given its n_predict as
+    `num_speculative_tokens`, since vLLM builds that many stages). `fmt` is export.format: a
     speculators export is served by vLLM alone, `vllm serve DIR` (it names its target); with `both` the
     speculators copy's command is `vllm_speculators`."""
     method = _serve_method(architecture)
@@ -170,14 +173,15 @@ def serve_commands(target: str, draft_dir, architecture: str, fmt: str = "eagle3
         return {"vllm": f"vllm serve {draft_dir}"}
     algorithm, vllm_method = method
     draft = str(draft_dir)
-    spec = json.dumps({"method": vllm_method, "model": draft, "num_speculative_tokens": 3})
-    return {
-        "vllm": f"vllm serve {target} --speculative-config '{spec}'",
-        "sglang": f"python -m sglang.launch_server --model-path {target} --speculative-algorithm {algorithm} "
-                  f"--speculative-draft-model-path {draft} --speculative-num-steps 5 --speculative-eagle-topk 8 "
-                  "--speculative-num-draft-tokens 32 --dtype bfloat16",
-        **({"vllm_speculators": f"vllm serve {speculators_dir(draft_dir)}"} if fmt == "both" else {}),
-    }
+    spec = json.dumps({"method": vllm_method, "model": draft, "num_speculative_tokens": num_speculative_tokens})
+    commands = {"vllm": f"vllm serve {target} --speculative-config '{spec}'"}
+    if algorithm is not None:  # None: SGLang does not serve the head (the MLP speculator)
+        commands["sglang"] = (f"python -m sglang.launch_server --model-path {target} --speculative-algorithm "
+                              f"{algorithm} --speculative-draft-model-path {draft} --speculative-num-steps 5 "
+                              "--speculative-eagle-topk 8 --speculative-num-draft-tokens 32 --dtype bfloat16")
+    if fmt == "both":
+        commands["vllm_speculators"] = f"vllm serve {speculators_dir(draft_dir)}"
+    return commands
 
 
 def serving_target(model: str) -> str:
@@ -264,7 +268,8 @@ def card_metadata(run_dir, checkpoint: str, why: str, out: Path, config, fmt: st
                    "max_length": recipe.get("data", {}).get("max_length")},
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "format": fmt,
-        "serve": serve_commands(serving_target(model), out, architecture, fmt) if model else {},
+        "serve": serve_commands(serving_target(model), out, architecture, fmt,
+                                getattr(config, "n_predict", None) or 3) if model else {},
     }
     return meta
 

@@ -18,6 +18,8 @@ from eagle_online.errors import RecipeError
 from eagle_online.gguf_targets import BUILTIN_GGUF, resolve_builtin, resolve_gguf
 from eagle_online.heads import EAGLE3, HEADS
 from eagle_online.heads.eagle3 import LOSS_DECAY, TTT_LENGTH
+from eagle_online.heads.mlp_speculator import ARCHITECTURE as MLP_SPECULATOR
+from eagle_online.heads.mlp_speculator import N_PREDICT
 from eagle_online.layout import FORMATS
 from eagle_online.losses import LK_DECAY, LK_SCALE, LOSSES
 
@@ -122,11 +124,12 @@ class DraftConfig(_Section):
 
     architecture: Literal[ARCHITECTURES] = Field(
         ARCHITECTURES[0], description="a registered head (eagle_online/heads): EAGLE-3, EAGLE-1/2 "
-        "(LlamaForCausalLMEagle) or the MLP baseline"
+        "(LlamaForCausalLMEagle), the MLP speculator vLLM serves (MLPSpeculatorPreTrainedModel) or the MLP baseline"
     )
     draft_vocab_size: int = Field(32000, gt=0)
     ttt_length: int = Field(TTT_LENGTH, ge=1, description="training-time-test unroll steps (EAGLE-3)")
-    loss_decay: float = Field(LOSS_DECAY, gt=0, le=1, description="step k's loss is weighted decay**k (EAGLE-3)")
+    loss_decay: float = Field(LOSS_DECAY, gt=0, le=1, description="step k's loss is weighted decay**k (EAGLE-3, "
+                              "the MLP speculator's stages)")
     loss: Literal[LOSSES] = Field("kl", description="the loss against the teacher's draft-vocabulary distribution: "
                                   "kl (soft cross-entropy), lk_alpha (−log of the expected acceptance α), lk_lambda "
                                   "(KL and 1 − α mixed by α) or tv (1 − α); docs/algorithms.md")
@@ -145,6 +148,8 @@ class DraftConfig(_Section):
     fc_bias: bool = Field(True, description="EAGLE-1/2: fc with a bias (SGLang loads it; vLLM's fc has none)")
     feature_noise: float = Field(0.1, ge=0, description="EAGLE-1/2: uniform noise half-width on features")
     mlp_blocks: int = Field(3, ge=1, description="MLP baseline: (Linear, ReLU, LayerNorm) blocks")
+    n_predict: int = Field(N_PREDICT, ge=1, description="MLP speculator: stages, each drafting one more token (vLLM "
+                           "drafts at most this many per step)")
     init_from: str | None = Field(
         default=None,
         description="an existing draft directory (ours, official EAGLE-3, SpecForge or vLLM speculators) to "
@@ -350,6 +355,21 @@ class Recipe(_Section):
         if self.export.format == "eagle3" and self.export.speculative_tokens != default:
             raise ValueError("export.speculative_tokens is written in the speculators format only: set "
                              "export.format=speculators or both, or remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _speculator_drafts_at_most_its_stages(self):
+        """The MLP speculator drafts one token per stage (vLLM refuses more): refused before any training
+        rather than at the first evaluation."""
+        if self.draft.architecture != MLP_SPECULATOR:
+            return self
+        n = self.draft.n_predict
+        if self.eval.num_draft_tokens > n:
+            raise ValueError(f"eval.num_draft_tokens={self.eval.num_draft_tokens}: the MLP speculator drafts at most "
+                             f"draft.n_predict={n} tokens per step; lower it or raise draft.n_predict")
+        if self.eval.tree is not None and self.eval.tree[1] > n:
+            raise ValueError(f"eval.tree num_steps={self.eval.tree[1]}: the MLP speculator drafts at most "
+                             f"draft.n_predict={n} tokens deep; lower it or raise draft.n_predict")
         return self
 
     @model_validator(mode="after")

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
                 print(f"exported {name} ({why}) to {out}")
                 export = {"path": out, "checkpoint": name, "why": why,
                           "serve": serve_commands(serving_target(recipe.target.model), out, recipe.draft.architecture,
-                                                  recipe.export.format)}
+                                                  recipe.export.format, recipe.draft.n_predict)}
             print(trainer.summary(export), flush=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

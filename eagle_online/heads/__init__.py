@@ -14,6 +14,7 @@ from eagle_online.heads.eagle import EagleDrafter, EagleHead
 from eagle_online.heads.eagle3 import Eagle3Head
 from eagle_online.heads.eagle3_decode import Eagle3Drafter
 from eagle_online.heads.mlp import MLPDrafter, MLPHead
+from eagle_online.heads.mlp_speculator import MLPSpeculatorDrafter, MLPSpeculatorHead
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ HEADS: dict[str, HeadSpec] = {spec.head.ARCHITECTURE: spec for spec in (
     HeadSpec(Eagle3Head, Eagle3Drafter),
     HeadSpec(EagleHead, EagleDrafter),
     HeadSpec(MLPHead, MLPDrafter),
+    HeadSpec(MLPSpeculatorHead, MLPSpeculatorDrafter),
 )}
 EAGLE3 = Eagle3Head.ARCHITECTURE
 

@@ -49,8 +49,8 @@ class DraftHead(nn.Module):
     SERVED_NAMES: ClassVar[tuple[str, ...]] = ()
     LM_HEAD: ClassVar[str] = "draft"
     # How the engines are told to run it: (SGLang's --speculative-algorithm, vLLM's speculative method),
-    # None when no engine serves it
-    SERVE_METHOD: ClassVar[tuple[str, str] | None] = None
+    # None when no engine serves it; the SGLang side None when only vLLM does
+    SERVE_METHOD: ClassVar[tuple[str | None, str] | None] = None
     # The recipe's `draft` keys only this head reads: the recipe refuses them under another architecture
     SETTINGS: ClassVar[tuple[str, ...]] = ()
     SHOWN_SETTINGS: ClassVar[tuple[str, ...]] = ()  # the recipe's `draft` keys the banner and the card show

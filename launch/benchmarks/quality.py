@@ -1,4 +1,4 @@
-"""Draft quality: EAGLE-3 vs EAGLE-1/2 vs the MLP baseline, by real speculative decoding.
+"""Draft quality: EAGLE-3 vs EAGLE-1/2 vs the MLP speculator vs the MLP baseline, by real speculative decoding.
 
     python launch/bench.py quality --out quality.json                       # the tiny target
     python launch/bench.py quality --target smollm2 --tokens 1000000 --curve-every 100000 \
@@ -25,18 +25,20 @@ import tempfile
 import time
 from pathlib import Path
 
-HEADS = ("eagle3", "eagle1", "mlp")
+HEADS = ("eagle3", "eagle1", "mlp", "mlp_speculator")
 TEMPERATURES = (0.0, 1.0)
 # Per target: each head's recipe and the options' defaults. The tiny target keeps the settings of
 # launch/results/quality_tiny.json; SmolLM2 keeps its recipes' data, batch and draft vocabulary.
 TARGETS = {
     "tiny": {
-        "recipes": {"eagle3": "tiny_eagle3", "eagle1": "tiny_eagle1", "mlp": "tiny_mlp"},
+        "recipes": {"eagle3": "tiny_eagle3", "eagle1": "tiny_eagle1", "mlp": "tiny_mlp",
+                    "mlp_speculator": "tiny_mlp_speculator"},
         "defaults": {"steps": 300, "rows": 1000, "tokens_per_batch": 4096, "max_length": 512, "draft_vocab_size": 4096,
                      "eagle3_aux_layer_ids": [2, 4, 7], "num_draft_tokens": 4},
     },
     "smollm2": {
-        "recipes": {"eagle3": "smollm2_eagle3", "eagle1": "smollm2_eagle1", "mlp": "smollm2_mlp"},
+        "recipes": {"eagle3": "smollm2_eagle3", "eagle1": "smollm2_eagle1", "mlp": "smollm2_mlp",
+                    "mlp_speculator": "smollm2_mlp_speculator"},
         "defaults": {"tokens": 1_000_000, "rows": 2000, "tokens_per_batch": 2048, "max_length": 1024,
                      "draft_vocab_size": 8192,
                      "eagle3_aux_layer_ids": None, "num_draft_tokens": 5},
@@ -122,7 +124,6 @@ def run_quality(args, log=print, save=None) -> dict:
             run_dir = work / name
             overrides = [f"run.output_dir={run_dir}", f"data.sources.0.max_rows={args.rows}",
                          f"data.tokens_per_batch={args.tokens_per_batch}", f"data.max_length={args.max_length}",
-                         f"draft.draft_vocab_size={args.draft_vocab_size}",
                          f"training.max_steps={args.steps}", "training.progress_bar=false",
                          "training.export_at_end=false", "training.overwrite=true",
                          f"training.log_every={1 if args.curve_every_steps else args.log_every}",
@@ -135,6 +136,10 @@ def run_quality(args, log=print, save=None) -> dict:
                               f"eval.num_draft_tokens={args.num_draft_tokens}", "eval.temperature=0.0"]
             else:
                 overrides.append("eval.every=null")
+            if name == "mlp_speculator":  # the whole vocabulary (its recipe's), one stage per draft token
+                overrides.append(f"draft.n_predict={args.num_draft_tokens}")
+            else:
+                overrides.append(f"draft.draft_vocab_size={args.draft_vocab_size}")
             if name == "eagle3":
                 overrides.append(f"draft.ttt_length={args.ttt_length}")
                 if args.eagle3_aux_layer_ids:
@@ -172,6 +177,9 @@ def run_quality(args, log=print, save=None) -> dict:
     if {"eagle3", "eagle1", "mlp"} <= set(t1):
         report["ordering_eagle3_gt_eagle1_gt_mlp_at_T1"] = t1["eagle3"] > t1["eagle1"] > t1["mlp"]
     t0 = {n: h["trained"]["0.0"]["tau"] for n, h in report["heads"].items()}
+    if {"mlp_speculator", "mlp"} <= set(t0) and "bigram" in report:
+        report["mlp_speculator_gt_mlp_and_bigram_at_T0"] = t0["mlp_speculator"] > max(t0["mlp"],
+                                                                                    report["bigram"]["0.0"]["tau"])
     if {"eagle3", "eagle1"} <= set(t0):
         report["eagle3_over_eagle1_tau_T0"] = t0["eagle3"] / t0["eagle1"]
     return report
@@ -183,14 +191,14 @@ def _brief(by_t: dict) -> str:
 
 def format_table(report: dict) -> str:
     """The report as a text table: τ greedy and at T=1, trained and untrained, with the bigram."""
-    rows = [f"{'draft':<10} {'tau T=0':>8} {'tau T=1':>8} {'untrained T=0':>14} {'untrained T=1':>14} {'acc_0':>6}"]
+    rows = [f"{'draft':<15} {'tau T=0':>8} {'tau T=1':>8} {'untrained T=0':>14} {'untrained T=1':>14} {'acc_0':>6}"]
     for name, h in report["heads"].items():
         acc0 = h["final_train_metrics"].get("acc_0", float("nan"))
-        rows.append(f"{name:<10} {h['trained']['0.0']['tau']:>8.3f} {h['trained']['1.0']['tau']:>8.3f} "
+        rows.append(f"{name:<15} {h['trained']['0.0']['tau']:>8.3f} {h['trained']['1.0']['tau']:>8.3f} "
                     f"{h['untrained']['0.0']['tau']:>14.3f} {h['untrained']['1.0']['tau']:>14.3f} {acc0:>6.3f}")
     if "bigram" in report:
         b = report["bigram"]
-        rows.append(f"{'bigram':<10} {b['0.0']['tau']:>8.3f} {b['1.0']['tau']:>8.3f} {'':>14} {'':>14} {'':>6}")
+        rows.append(f"{'bigram':<15} {b['0.0']['tau']:>8.3f} {b['1.0']['tau']:>8.3f} {'':>14} {'':>14} {'':>6}")
     for name, curve in report.get("curves", {}).items():
         rows.append(f"{name} greedy tau by training tokens: "
                     + ", ".join(f"{p['tokens']}: {p['tau_T0']:.3f}" for p in curve))
@@ -239,7 +247,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--target", choices=list(TARGETS), default="tiny",
                         help="tiny (default; recipes tiny_*) or smollm2 (SmolLM2-135M-Instruct, recipes smollm2_*)")
     parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS), metavar="HEAD",
-                        help="heads to train, from eagle3 eagle1 mlp (default: all three)")
+                        help="heads to train, from eagle3 eagle1 mlp mlp_speculator (default: all four; "
+                        "mlp_speculator trains over the whole vocabulary with n_predict = --num-draft-tokens)")
     parser.add_argument("--tokens", type=int, help="training tokens per head, the same for all (steps = tokens / "
                         "tokens-per-batch); default: smollm2 1000000")
     parser.add_argument("--steps", type=int, help="optimizer steps per head instead of --tokens; default: tiny 300")
