@@ -190,13 +190,15 @@ def accept_drafts(drafts: list[int], draft_logits: list[torch.Tensor], target_lo
     return len(drafts), _sample(target_logits[len(drafts)], temperature, gen)
 
 
-@torch.no_grad()
-def speculative_generate(target: FrozenTarget, drafter: Drafter, prompt_ids: list[int], *, num_draft_tokens: int,
-                         max_new_tokens: int, temperature: float = 0.0, eos_ids=(),
-                         gen: torch.Generator | None = None) -> Generation:
-    """Generate up to `max_new_tokens` after `prompt_ids` by chain speculative decoding (module docstring).
-    Greedy when `temperature` is 0, else sampling at that temperature."""
-    k, eos = num_draft_tokens, set(eos_ids)
+def _decode(target: FrozenTarget, drafter: Drafter, prompt_ids: list[int], play_round, depth: int, *,
+            max_new_tokens: int, temperature: float, eos_ids, gen: torch.Generator | None) -> Generation:
+    """What chain and tree speculative decoding share: the prompt's forward, then rounds until
+    `max_new_tokens` or an end token. `play_round(cached, proposal, last_token, length)` drafts from
+    `proposal`, verifies, trims the target's cache to the accepted tokens and returns (the new tokens:
+    accepted drafts then the token that follows, the verify forward's TargetStep, its rows of the last
+    token and the accepted drafts); the drafter then commits those rows' features. `depth` is the most
+    drafts one round can accept."""
+    eos = set(eos_ids)
     cached = _CachedTarget(target)
     drafter.reset()
     n = len(prompt_ids)
@@ -208,26 +210,41 @@ def speculative_generate(target: FrozenTarget, drafter: Drafter, prompt_ids: lis
     accepted_per_step: list[int] = []
     while len(out) < max_new_tokens and out[-1] not in eos:
         length = n + len(out)  # L: the target cache holds L-1 tokens
-        drafts, draft_logits = [], []
-        for j in range(k):
-            logits = proposal.logits.to(device)  # a CPU-side baseline drafter may propose on the CPU
-            drafts.append(_sample(logits, temperature, gen))
-            draft_logits.append(logits)
-            if j < k - 1:
-                proposal = drafter.chain(drafts[-1], length - 1 + j)
-        verify = cached.forward([out[-1]] + drafts, length - 1)
-        a, nxt = accept_drafts(drafts, draft_logits, verify.logits, temperature, gen)
-        accepted_per_step.append(a)
-        new = drafts[:a] + [nxt]
-        cached.keep(length + a)
+        new, verify, rows = play_round(cached, proposal, out[-1], length)
+        accepted_per_step.append(len(new) - 1)
         feats = _feature(verify, drafter)
-        proposal = drafter.extend(None if feats is None else feats[: a + 1], torch.tensor(new, device=device),
-                                  torch.arange(length - 1, length + a, device=device))
+        proposal = drafter.extend(None if feats is None else feats[rows], torch.tensor(new, device=device),
+                                  torch.arange(length - 1, length - 1 + len(new), device=device))
         for t in new:
             out.append(t)
             if t in eos or len(out) >= max_new_tokens:
                 break
-    return Generation(tokens=out, accepted=accepted_per_step, num_draft_tokens=k)
+    return Generation(tokens=out, accepted=accepted_per_step, num_draft_tokens=depth)
+
+
+@torch.no_grad()
+def speculative_generate(target: FrozenTarget, drafter: Drafter, prompt_ids: list[int], *, num_draft_tokens: int,
+                         max_new_tokens: int, temperature: float = 0.0, eos_ids=(),
+                         gen: torch.Generator | None = None) -> Generation:
+    """Generate up to `max_new_tokens` after `prompt_ids` by chain speculative decoding (module docstring).
+    Greedy when `temperature` is 0, else sampling at that temperature."""
+    k = num_draft_tokens
+
+    def play_round(cached, proposal, last, length):
+        drafts, draft_logits = [], []
+        for j in range(k):
+            logits = proposal.logits.to(cached.device)  # a CPU-side baseline drafter may propose on the CPU
+            drafts.append(_sample(logits, temperature, gen))
+            draft_logits.append(logits)
+            if j < k - 1:
+                proposal = drafter.chain(drafts[-1], length - 1 + j)
+        verify = cached.forward([last] + drafts, length - 1)
+        a, nxt = accept_drafts(drafts, draft_logits, verify.logits, temperature, gen)
+        cached.keep(length + a)
+        return drafts[:a] + [nxt], verify, slice(0, a + 1)
+
+    return _decode(target, drafter, prompt_ids, play_round, k, max_new_tokens=max_new_tokens,
+                   temperature=temperature, eos_ids=eos_ids, gen=gen)
 
 
 # ------------------------------------------------------------------------------------ draft trees
@@ -348,35 +365,18 @@ def speculative_generate_tree(target: FrozenTarget, drafter: Drafter, prompt_ids
     """speculative_generate with a draft tree per round (draft_tree, verified by one target forward with
     a tree attention mask, accept_tree); the drafter commits the accepted path with the target's
     features at its nodes. `Generation.accepted` counts accepted nodes (at most tree.num_steps)."""
-    eos = set(eos_ids)
-    cached = _CachedTarget(target)
-    drafter.reset()
-    n = len(prompt_ids)
-    step = cached.forward(prompt_ids, 0)
-    out = [_sample(step.logits[-1], temperature, gen)]
-    device = cached.device
-    proposal = drafter.extend(_feature(step, drafter), torch.tensor(prompt_ids[1:] + out, device=device),
-                              torch.arange(n, device=device))
-    accepted_per_step: list[int] = []
-    while len(out) < max_new_tokens and out[-1] not in eos:
-        length = n + len(out)  # L: the target cache holds L-1 tokens
-        drafted = draft_tree(drafter, DraftStep(proposal.logits.to(device)), length - 1, tree)
-        verify = cached.forward_tree([out[-1]] + drafted.tokens,
-                                     [length - 1] + [length - 1 + d for d in drafted.depths],
+
+    def play_round(cached, proposal, last, length):
+        drafted = draft_tree(drafter, DraftStep(proposal.logits.to(cached.device)), length - 1, tree)
+        verify = cached.forward_tree([last] + drafted.tokens, [length - 1] + [length - 1 + d for d in drafted.depths],
                                      [-1] + [p + 1 for p in drafted.parents])
         path, nxt = accept_tree(drafted, verify.logits, temperature, gen)
-        accepted_per_step.append(len(path))
         rows = [0] + [i + 1 for i in path]
         cached.keep_nodes(length - 1, rows)
-        new = [drafted.tokens[i] for i in path] + [nxt]
-        feats = _feature(verify, drafter)
-        proposal = drafter.extend(None if feats is None else feats[rows], torch.tensor(new, device=device),
-                                  torch.arange(length - 1, length + len(path), device=device))
-        for t in new:
-            out.append(t)
-            if t in eos or len(out) >= max_new_tokens:
-                break
-    return Generation(tokens=out, accepted=accepted_per_step, num_draft_tokens=tree.num_steps)
+        return [drafted.tokens[i] for i in path] + [nxt], verify, rows
+
+    return _decode(target, drafter, prompt_ids, play_round, tree.num_steps, max_new_tokens=max_new_tokens,
+                   temperature=temperature, eos_ids=eos_ids, gen=gen)
 
 
 @torch.no_grad()
