@@ -39,9 +39,16 @@ def export_head(head: DraftHead, out_dir, aux_layer_ids: list[int] | None = None
     sibling directory, and renamed into place; an existing export is replaced only once the new one is
     complete, and nothing half-written is left behind on error. `extra_files` (name → text: the card) are
     written beside them, in the same temporary directory."""
-    config, tensors = (head.speculators_layout(aux_layer_ids, target_num_layers, speculators) if speculators
-                       else head.serving_layout(aux_layer_ids, target_num_layers))
-    return _write_export(out_dir, config, tensors, extra_files)
+    return _write_export(out_dir, *_layout(head, aux_layer_ids, target_num_layers, speculators), extra_files)
+
+
+def _layout(head: DraftHead, aux_layer_ids, target_num_layers, speculators: Verifier | None
+            ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The config.json dict and tensors of one export, checked: the head's serving layout, or vLLM's
+    speculators format naming `speculators`' target."""
+    if speculators is not None:
+        return head.speculators_layout(aux_layer_ids, target_num_layers, speculators)
+    return head.serving_layout(aux_layer_ids, target_num_layers)
 
 
 def _write_export(out_dir, config: dict, tensors: dict[str, torch.Tensor],
@@ -437,12 +444,14 @@ def export_run(run_dir, checkpoint: str | None = None, out=None, why: str | None
                               "target; export with --format eagle3")
         verifier = Verifier(serving_target(model), tuple(info.get("target_architectures", ())),
                             recipe.get("export", {}).get("speculative_tokens", 3))
-        head.speculators_layout(info["aux_layer_ids"], info["target_num_layers"], verifier)  # refused before writing
     dirs = {"eagle3": [(out, None)], "speculators": [(out, verifier)],
             "both": [(out, None), (speculators_dir(out), verifier)]}[fmt]
-    for where, speculators in dirs:
+    # every layout is built and checked before anything is written
+    layouts = [(where, speculators, _layout(head, info["aux_layer_ids"], info["target_num_layers"], speculators))
+               for where, speculators in dirs]
+    for where, speculators, (layout_config, tensors) in layouts:
         meta = card_metadata(run_dir, checkpoint, why, where, config, "speculators" if speculators else
                              ("both" if fmt == "both" else "eagle3"))
         card = {CARD_NAME: card_text(meta), METADATA_NAME: json.dumps(meta, indent=2) + "\n"}
-        export_head(head, where, info["aux_layer_ids"], info["target_num_layers"], card, speculators=speculators)
+        _write_export(where, layout_config, tensors, card)
     return out
