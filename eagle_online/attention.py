@@ -6,13 +6,21 @@ Packed rows hold whole conversations back to back (position_ids restart at 0); a
 inside each one. Instead of a [T × T] block-diagonal mask (what transformers builds for sdpa from
 packed position_ids, costing T² work and memory whatever the conversations' lengths), the work here
 is Σ len², through one of three kernels with one contract — `forward(q, k, v) -> (out, lse)` and
-`backward(dout, q, k, v, out, lse) -> (dq, dk, dv)` over token-major [N, heads, d] tensors:
+`backward(dout, q, k, v, out, lse) -> (dq, dk, dv)` over token-major [N, heads, d] tensors, each also
+taking the target families' extras as keywords, where `supports` says it can (`window`: a key j is seen by
+query i only when i − j < window, Mistral's, Gemma's and gpt-oss's sliding windows; `softcap`: scores
+become c·tanh(s/c), Gemma-2's):
 
   cuda_varlen  flash attention's varlen kernel as torch ships it (torch.nn.attention.varlen), CUDA,
-               bf16/fp16: no padding, no mask;
+               bf16/fp16: no padding, no mask; windows where the installed op takes one;
   cpu_flash    torch's CPU flash-attention kernel over the conversations regrouped one per row and
                padded at their end ([D, L] grid), causal: padding is never attended by real tokens;
-  math         the same grid computed explicitly (any device and dtype; the fallback).
+  math         the same grid computed explicitly (any device and dtype, windows and soft-caps; the
+               fallback).
+
+gpt-oss's attention sinks (a per-head logit s that joins every softmax's denominator and contributes no
+value) need no kernel: out·sigmoid(lse − s) from any kernel's output and log-sum-exp is exact
+(`packed_attention`).
 
 Both backward passes take the *final* output and log-sum-exp, so a softmax that spans these keys and
 further ones (the TTT diagonal keys, merged through the log-sum-exp) gets exact gradients from the
@@ -129,36 +137,40 @@ class CudaVarlen:
     name = "cuda_varlen"
 
     @staticmethod
-    def supports(q: torch.Tensor) -> bool:
-        return _HAS_TORCH_VARLEN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    def supports(q: torch.Tensor, window: int | None = None, softcap: float | None = None) -> bool:
+        return (_HAS_TORCH_VARLEN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and softcap is None
+                and (window is None or "window_size" in _arguments(_VARLEN_OPS[0])))
 
     @staticmethod
-    def options(op, scale: float, gqa: bool) -> dict:
+    def options(op, scale: float, gqa: bool, window: int | None = None) -> dict:
         """The keyword arguments `op` declares: the scale, causal as a window where it has one (the same
-        thing as is_causal), and GQA's flag where it has one (the flash kernel takes fewer key heads as
-        they are; the flag only gates other backends)."""
+        thing as is_causal; `window` keys back, the query's own included, when given), and GQA's flag
+        where it has one (the flash kernel takes fewer key heads as they are; the flag only gates other
+        backends)."""
         names = _arguments(op)
         opts = {"scale": scale}
         if "window_size" in names:
-            opts["window_size"] = [-1, 0]
+            opts["window_size"] = [-1 if window is None else window - 1, 0]
         if "enable_gqa" in names:
             opts["enable_gqa"] = gqa
         return opts
 
     @staticmethod
-    def forward(q, k, v, layout: DocumentLayout, scale: float):
+    def forward(q, k, v, layout: DocumentLayout, scale: float, window: int | None = None, softcap=None):
         cu, n = layout.cu_seqlens, layout.max_len
         op = _VARLEN_OPS[0]
-        out, lse, _ = op(q, k, v, cu, cu, n, n, True, **CudaVarlen.options(op, scale, k.shape[1] != q.shape[1]))
+        out, lse, _ = op(q, k, v, cu, cu, n, n, True,
+                         **CudaVarlen.options(op, scale, k.shape[1] != q.shape[1], window))
         return out, lse.transpose(0, 1)  # the kernel's lse is [heads, N]
 
     @staticmethod
-    def backward(dout, q, k, v, out, lse, layout: DocumentLayout, scale: float):
+    def backward(dout, q, k, v, out, lse, layout: DocumentLayout, scale: float, window: int | None = None,
+                 softcap=None):
         cu, n = layout.cu_seqlens, layout.max_len
         rng = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout
         op = _VARLEN_OPS[1]
         return op(dout.contiguous(), q, k, v, out.contiguous(), lse.transpose(0, 1).contiguous(), cu, cu, n, n, True,
-                  rng, **CudaVarlen.options(op, scale, k.shape[1] != q.shape[1]))
+                  rng, **CudaVarlen.options(op, scale, k.shape[1] != q.shape[1], window))
 
 
 class CpuFlash:
@@ -167,17 +179,17 @@ class CpuFlash:
     name = "cpu_flash"
 
     @staticmethod
-    def supports(q: torch.Tensor) -> bool:
-        return q.device.type == "cpu"
+    def supports(q: torch.Tensor, window: int | None = None, softcap: float | None = None) -> bool:
+        return q.device.type == "cpu" and window is None and softcap is None
 
     @staticmethod
-    def forward(q, k, v, layout: DocumentLayout, scale: float):
+    def forward(q, k, v, layout: DocumentLayout, scale: float, window=None, softcap=None):  # both None: supports
         grid = [layout.pad(x).transpose(1, 2) for x in (q, k, v)]  # [D, heads, L, d]
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*grid, 0.0, True, scale=scale)
         return layout.unpad(out.transpose(1, 2)), layout.unpad(lse.transpose(1, 2))
 
     @staticmethod
-    def backward(dout, q, k, v, out, lse, layout: DocumentLayout, scale: float):
+    def backward(dout, q, k, v, out, lse, layout: DocumentLayout, scale: float, window=None, softcap=None):
         # Padding rows get zero dout, so they send nothing into the real keys they can see.
         grid = [layout.pad(x).transpose(1, 2) for x in (dout, q, k, v, out)]
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -187,33 +199,41 @@ class CpuFlash:
 
 
 class MathAttention:
-    """The padded grid computed with explicit scores: any device and dtype (fp32 softmax)."""
+    """The padded grid computed with explicit scores: any device and dtype (fp32 softmax), windows and
+    soft-caps."""
 
     name = "math"
 
     @staticmethod
-    def supports(q: torch.Tensor) -> bool:
+    def supports(q: torch.Tensor, window: int | None = None, softcap: float | None = None) -> bool:
         return True
 
     @staticmethod
-    def _scores(q, k, layout: DocumentLayout, scale: float):
+    def _scores(q, k, layout: DocumentLayout, scale: float, window: int | None, softcap: float | None):
+        """The masked scores [D, kv, g, L, L], the queries and keys they came from, and tanh(s/c) where
+        soft-capped (its derivative is needed by backward)."""
         qg = _acc(_grouped(layout.pad(q), k.shape[1]))  # [D, L, kv, g, d]
         kg = _acc(layout.pad(k))  # [D, L, kv, d]
         s = torch.einsum("dikgc,djkc->dkgij", qg, kg) * scale
-        causal = torch.ones(layout.max_len, layout.max_len, dtype=torch.bool, device=q.device).tril()
-        return s.masked_fill(~causal, -math.inf), qg, kg
+        tanh = None
+        if softcap is not None:
+            tanh = torch.tanh(s / softcap)
+            s = tanh * softcap
+        return s.masked_fill(~_visible(layout.max_len, layout.max_len, window, q.device), -math.inf), qg, kg, tanh
 
     @staticmethod
-    def forward(q, k, v, layout: DocumentLayout, scale: float):
-        s, _, _ = MathAttention._scores(q, k, layout, scale)
+    def forward(q, k, v, layout: DocumentLayout, scale: float, window: int | None = None,
+                softcap: float | None = None):
+        s, _, _, _ = MathAttention._scores(q, k, layout, scale, window, softcap)
         lse = torch.logsumexp(s, dim=-1)  # [D, kv, g, L]
         out = torch.einsum("dkgij,djkc->dikgc", torch.exp(s - lse[..., None]), _acc(layout.pad(v)))
         lse = lse.permute(0, 3, 1, 2).flatten(2)  # [D, L, H]
         return layout.unpad(out.flatten(2, 3)).to(q.dtype), layout.unpad(lse)
 
     @staticmethod
-    def backward(dout, q, k, v, out, lse, layout: DocumentLayout, scale: float):
-        s, qg, kg = MathAttention._scores(q, k, layout, scale)
+    def backward(dout, q, k, v, out, lse, layout: DocumentLayout, scale: float, window: int | None = None,
+                 softcap: float | None = None):
+        s, qg, kg, tanh = MathAttention._scores(q, k, layout, scale, window, softcap)
         kv = k.shape[1]
         lse_g = _grouped(layout.pad(lse)[..., None], kv)[..., 0].permute(0, 2, 3, 1)  # [D, kv, g, L]
         p = torch.exp(s - lse_g[..., None])
@@ -222,21 +242,48 @@ class MathAttention:
         dv = torch.einsum("dkgij,dikgc->djkc", p, do)
         dp = torch.einsum("dikgc,djkc->dkgij", do, _acc(layout.pad(v)))
         ds = p * (dp - delta[..., None]) * scale
+        if tanh is not None:
+            ds = ds * (1 - tanh.square())
         dq = torch.einsum("dkgij,djkc->dikgc", ds, kg).flatten(2, 3)
         dk = torch.einsum("dkgij,dikgc->djkc", ds, qg)
         return tuple(layout.unpad(g).to(q.dtype) for g in (dq, dk, dv))
 
 
+def _visible(queries: int, keys: int, window: int | None, device) -> torch.Tensor:
+    """[queries, keys] bool: which keys each query sees when the queries are the last `queries` of `keys`
+    positions: causally, and within `window` positions (its own included) when given."""
+    back = torch.arange(keys - queries, keys, device=device)[:, None] - torch.arange(keys, device=device)[None]
+    return (back >= 0) & (back < window) if window is not None else back >= 0
+
+
 KERNELS = {kernel.name: kernel for kernel in (CudaVarlen, CpuFlash, MathAttention)}
 
 
-def pick_kernel(q: torch.Tensor, name: str | None = None):
-    """The kernel `name`, or the first of cuda_varlen, cpu_flash, math that supports `q`."""
+def pick_kernel(q: torch.Tensor, name: str | None = None, window: int | None = None, softcap: float | None = None):
+    """The kernel `name`, or the first of cuda_varlen, cpu_flash, math that supports `q` with `window` and
+    `softcap`."""
     if name is not None:
         if name not in KERNELS:
             raise ValueError(f"unknown attention kernel {name!r}; known: {sorted(KERNELS)}")
+        if not KERNELS[name].supports(q, window, softcap):
+            raise ValueError(f"attention kernel {name!r} cannot run window={window}, softcap={softcap} here")
         return KERNELS[name]
-    return next(kernel for kernel in KERNELS.values() if kernel.supports(q))
+    return next(kernel for kernel in KERNELS.values() if kernel.supports(q, window, softcap))
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout, scale: float,
+                     window: int | None = None, softcap: float | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention inside each packed conversation, forward only (the frozen target's): q [N, H, d],
+    k/v [N, kv_heads, d] → [N, H, d], with a sliding `window`, soft-capped scores and per-head attention
+    `sinks` [H] as the target's family defines them. A window no conversation outgrows changes nothing
+    and is dropped, so that the fastest kernel runs."""
+    if window is not None and window >= layout.max_len:
+        window = None
+    out, lse = pick_kernel(q, window=window, softcap=softcap).forward(q, k, v, layout, scale, window, softcap)
+    if sinks is not None:  # the sink joins the denominator: Σ exp(s) becomes Σ exp(s) + exp(sink)
+        out = (_acc(out) * torch.sigmoid(_acc(lse) - _acc(sinks))[..., None]).to(q.dtype)
+    return out
 
 
 # ---------------------------------------------------------------- step-0 keys + diagonal keys (TTT)
@@ -301,26 +348,20 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     """A transformers attention function: causal attention inside each packed conversation, no mask.
 
     query [B, H, T, d], key/value [B, kv_heads, T, d]; returns ([B, T, H, d], None). Inference only
-    (the target is frozen); padding masks are not supported (rows are packed, never padded). With a KV
-    cache (keys longer than queries: speculative decoding's verification, one sequence) it is plain
-    causal attention over the cache, or the 4D mask given (a draft tree's: each node sees its ancestors).
+    (the target is frozen); padding masks are not supported (rows are packed, never padded). The
+    families' extras come as the model passes them: `sliding_window`, `softcap` (Gemma-2) and `s_aux`
+    (gpt-oss's sinks). With a KV cache (keys longer than queries: speculative decoding's verification,
+    one sequence) it is causal attention over the cache, or the 4D mask given (a draft tree's: each node
+    sees its ancestors).
     """
     cached = key.shape[2] != query.shape[2]
     if attention_mask is not None and not (cached and attention_mask.dim() == 4):
         raise ValueError("varlen attention reads conversation boundaries from position_ids, not an attention mask")
-    if getattr(module, "sliding_window", None) or kwargs.get("sliding_window"):
-        raise ValueError("varlen attention has no sliding window: use attn_implementation sdpa or flash_attention_2")
+    window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
     b, h, t, d = query.shape
     scale = scaling if scaling is not None else d**-0.5
-    if cached:  # a KV cache: decoding one sequence, whose new queries are its last t positions
-        if b != 1:
-            raise ValueError("varlen attention decodes one sequence at a time with a KV cache")
-        total, groups = key.shape[2], h // key.shape[1]
-        mask = attention_mask[:, :, :, :total] if attention_mask is not None else (
-            torch.ones(t, total, dtype=torch.bool, device=query.device).tril(total - t))
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=mask, scale=scale)
-        return out.transpose(1, 2), None
+    if cached:
+        return _cached_attention(query, key, value, attention_mask, scale, window, softcap, sinks), None
     layout, cu = kwargs.get("document_layout"), kwargs.get("cu_seq_lens_q")
     if layout is None and cu is not None:
         layout = DocumentLayout.from_cu_seqlens(cu, torch.Size((b, t)), kwargs.get("max_length_q"))
@@ -330,8 +371,39 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
             positions = torch.arange(t, device=query.device).expand(b, t)
         layout = DocumentLayout.from_position_ids(positions.expand(b, t))
     q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
-    out, _ = pick_kernel(q).forward(q, k, v, layout, scale)
+    out = packed_attention(q, k, v, layout, scale, window, softcap, sinks)
     return out.view(b, t, h, d), None
+
+
+def _cached_attention(query, key, value, attention_mask, scale: float, window: int | None,
+                      softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """One sequence's new queries (its last t positions) over its KV cache: [1, H, t, d] → [1, t, H, d].
+    Causal, or the additive 4D mask given; with the family's window, soft-cap and sinks computed
+    explicitly (fp32 scores: t is a few drafted tokens)."""
+    b, h, t, d = query.shape
+    if b != 1:
+        raise ValueError("varlen attention decodes one sequence at a time with a KV cache")
+    total, groups = key.shape[2], h // key.shape[1]
+    if attention_mask is not None and window is not None and total > window:
+        # A tree's nodes sit at positions their indices do not give: a window counted in indices is wrong.
+        raise ValueError(f"a draft tree cannot be verified through a {window}-token sliding window over "
+                         f"{total} tokens: measure chain τ on this target")
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    if window is None and softcap is None and sinks is None:
+        mask = attention_mask[:, :, :, :total] if attention_mask is not None else (
+            _visible(t, total, None, query.device))
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2)
+    s = torch.einsum("bhic,bhjc->bhij", _acc(query), _acc(key)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if attention_mask is not None:
+        s = s + attention_mask[:, :, :, :total]
+    s = s.masked_fill(~_visible(t, total, window, query.device), -math.inf)
+    if sinks is not None:  # one more logit per head, with no value
+        s = torch.cat([s, _acc(sinks)[None, :, None, None].expand(b, h, t, 1)], dim=-1)
+    p = torch.softmax(s, dim=-1)[..., :total]
+    return torch.einsum("bhij,bhjc->bihc", p, _acc(value)).to(query.dtype)
 
 
 def register_varlen_attention() -> None:

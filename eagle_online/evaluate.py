@@ -119,7 +119,10 @@ class _CachedTarget:
 
         self.target = target
         self.device = target.lm_head_weight.device
-        self.cache = DynamicCache(config=target.config)
+        # Plain layers that keep every position, also for a sliding-window model (a config would give its
+        # windowed layers a cache that evicts old keys, which a rejected draft could not be cropped back
+        # over): the attention applies the window.
+        self.cache = DynamicCache()
 
     def forward(self, tokens: list[int], start: int):
         ids = torch.tensor(tokens, device=self.device)

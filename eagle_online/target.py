@@ -29,22 +29,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+# Families whose attention has learned sinks (a logit per head in every softmax's denominator), which
+# transformers' flash_attention_2 path drops without a word when the installed flash-attn cannot take them.
+SINK_MODEL_TYPES = frozenset({"gpt_oss"})
+
+
 def resolve_attn_implementation(name: str, device: torch.device, config=None) -> str:
     """The attention a target runs on packed rows. `auto`: flash-attn's varlen kernels when the
     flash-attn package is installed on a GPU, else our mask-free `varlen` (torch's own flash varlen
-    kernel on CUDA, a causal kernel over conversations regrouped one per row on CPU); sdpa for a
-    sliding-window model, which `varlen` does not implement. `varlen` is registered with
-    transformers when chosen."""
+    kernel on CUDA, a causal kernel over conversations regrouped one per row on CPU, explicit scores for
+    the windows and soft-caps those cannot take); `varlen` also for a family with attention sinks, which
+    flash-attn 2 cannot compute. `varlen` is registered with transformers when chosen."""
+    text = text_config(config) if config is not None else None
+    sinks = text is not None and getattr(text, "model_type", None) in SINK_MODEL_TYPES
     if name == "auto":
-        text = text_config(config) if config is not None else None
-        sliding = text is not None and (
-            (getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True))
-            or "sliding_attention" in (getattr(text, "layer_types", None) or [])
-        )
-        if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-            name = "flash_attention_2"
-        else:
-            name = "sdpa" if sliding else VARLEN
+        flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+        name = "flash_attention_2" if flash and not sinks else VARLEN
+    elif name == "flash_attention_2" and sinks:
+        raise ValueError(f"target.attn_implementation flash_attention_2 drops {text.model_type}'s attention sinks "
+                         "(flash-attn 2 has no sink argument): use auto or varlen")
     if name == VARLEN:
         register_varlen_attention()
     return name
@@ -165,9 +168,14 @@ class FrozenTarget(nn.Module):
         return TargetOutput(
             aux_hidden=features.aux_hidden,
             last_hidden=last,
-            teacher_logits=last @ self.lm_head_draft.T,
-            teacher_in_draft=self._argmax_in_draft(last, vocab_chunk),
+            teacher_logits=self._softcap(last @ self.lm_head_draft.T),
+            teacher_in_draft=self._argmax_in_draft(last, vocab_chunk),  # a soft-cap keeps the order
         )
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The family's final-logit soft-cap, c·tanh(x/c) (Gemma-2's 30), where it has one."""
+        cap = getattr(text_config(self.config), "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _packing_kwargs(self, position_ids: torch.Tensor) -> dict:
         """Conversation boundaries computed once per forward for the varlen kernels (flash-attn's read
@@ -197,7 +205,7 @@ class FrozenTarget(nn.Module):
         last = out.last_hidden_state[0]
         aux = torch.cat([self._captured.pop(i)[0] for i in self.aux_layer_ids], dim=-1)
         with full_params(self.lm_head_weight):  # gathered under ZeRO-3 (every rank decodes the same prompts)
-            logits = (last @ self.lm_head_weight.T).float()
+            logits = self._softcap((last @ self.lm_head_weight.T).float())
         return TargetStep(aux_hidden=aux, last_hidden=last, logits=logits)
 
     def _argmax_in_draft(self, last: torch.Tensor, chunk: int) -> torch.Tensor:

@@ -71,6 +71,9 @@ def test_kernel_choice():
     assert pick_kernel(torch.zeros(1, 1, 1), "math").name == "math"
     with pytest.raises(ValueError, match="cpu_flash"):
         pick_kernel(torch.zeros(1), "nope")
+    assert pick_kernel(torch.zeros(1, 1, 1), window=4).name == "math"  # cpu_flash has no window
+    with pytest.raises(ValueError, match="softcap"):
+        pick_kernel(torch.zeros(1, 1, 1), "cpu_flash", softcap=1.0)
 
 
 def test_auto_attention_resolution(tiny_llama):
@@ -81,7 +84,65 @@ def test_auto_attention_resolution(tiny_llama):
 
     sliding = Qwen2Config(use_sliding_window=True, sliding_window=16, layer_types=["sliding_attention"] * 2,
                           num_hidden_layers=2)
-    assert resolve_attn_implementation("auto", cpu, sliding) == "sdpa"
+    assert resolve_attn_implementation("auto", cpu, sliding) == "varlen"  # windows: tests/test_families.py
+
+
+def _explicit(q, k, v, scale, window=None, softcap=None, sinks=None):
+    """One conversation's attention written out: [n, H, d] queries over [n, kv, d] keys."""
+    k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], 1) for x in (k, v))
+    s = torch.einsum("ihc,jhc->hij", q, k) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    back = torch.arange(len(q))[:, None] - torch.arange(len(q))[None]
+    s = s.masked_fill((back < 0) | (back >= (window or len(q))), -torch.inf)
+    if sinks is not None:
+        s = torch.cat([s, sinks[:, None, None].expand(-1, len(q), 1)], -1)
+    return torch.einsum("hij,jhc->ihc", torch.softmax(s, -1)[..., : len(q)], v)
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(3, None), (None, 0.7), (4, 0.5)])
+def test_math_kernel_window_and_softcap_forward_backward(window, softcap):
+    """The math kernel with a sliding window and soft-capped scores (the target families' extras), and
+    its backward, against the attention written out per conversation (fp64, autograd)."""
+    from eagle_online.attention import packed_attention
+
+    g = torch.Generator().manual_seed(0)
+    pos = _packed([[9, 2, 6]])
+    layout = DocumentLayout.from_position_ids(pos)
+    n, h, kvh, d, scale = pos.numel(), 4, 2, 8, 0.9
+    q, k, v = (torch.randn(n, heads, d, generator=g, dtype=torch.float64) for heads in (h, kvh, kvh))
+    dout = torch.randn(n, h, d, generator=g, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    cu = layout.cu_seqlens.tolist()
+    ref = torch.cat([_explicit(*(x[a:b] for x in leaves), scale, window, softcap) for a, b in zip(cu[:-1], cu[1:])])
+    (ref * dout).sum().backward()
+    assert pick_kernel(q, window=window, softcap=softcap).name == "math"
+    out, lse = KERNELS["math"].forward(q, k, v, layout, scale, window, softcap)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(packed_attention(q, k, v, layout, scale, window, softcap), out, rtol=0, atol=0)
+    grads = KERNELS["math"].backward(dout, q, k, v, out, lse, layout, scale, window, softcap)
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got, leaf.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("window", [None, 3, 100])
+def test_packed_attention_sinks(window):
+    """Attention sinks (a per-head logit in every softmax's denominator, no value), applied to the
+    fastest kernel's output through its log-sum-exp, equal the softmax with the sink column written out;
+    a window longer than every conversation is dropped (cpu_flash runs) and changes nothing."""
+    from eagle_online.attention import packed_attention
+
+    g = torch.Generator().manual_seed(1)
+    pos = _packed([[5, 8], [6, 7]])
+    layout = DocumentLayout.from_position_ids(pos)
+    n, h, kvh, d = pos.numel(), 4, 2, 8
+    q, k, v = (torch.randn(n, heads, d, generator=g, dtype=torch.float64) for heads in (h, kvh, kvh))
+    sinks = torch.randn(h, generator=g, dtype=torch.float64)
+    cu = layout.cu_seqlens.tolist()
+    ref = torch.cat([_explicit(q[a:b], k[a:b], v[a:b], 0.4, window, sinks=sinks) for a, b in zip(cu[:-1], cu[1:])])
+    got = packed_attention(q, k, v, layout, 0.4, window, sinks=sinks)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    assert (got - packed_attention(q, k, v, layout, 0.4, window)).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("with_layout", [True, False])
