@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 from eagle_online.checkpoint import MANIFEST, checkpoint_names, choose_checkpoint, damage, disk_full
+from eagle_online.engines import engine_warnings
 from eagle_online.errors import RecipeError
 from eagle_online.heads import HEADS, DraftHead, architecture_of
 from eagle_online.layout import CONFIG_NAME, SPECULATORS_SUFFIX, WEIGHTS_NAME, ExportError, Verifier
@@ -454,4 +455,16 @@ def export_run(run_dir, checkpoint: str | None = None, out=None, why: str | None
                              ("both" if fmt == "both" else "eagle3"))
         card = {CARD_NAME: card_text(meta), METADATA_NAME: json.dumps(meta, indent=2) + "\n"}
         _write_export(where, layout_config, tensors, card)
+    for line in export_warnings(run_dir, fmt):
+        print(f"warning: {line}", flush=True)
     return out
+
+
+def export_warnings(run_dir, fmt: str = "eagle3") -> list[str]:
+    """What the export of `run_dir` in layout `fmt` should warn about: engines not known to serve its head
+    for its target's family (engines.py: engine_warnings, from run_info.json's target_architectures)."""
+    run_dir = Path(run_dir)
+    config = LlamaConfig.from_json_file(str(run_dir / "draft_config.json"))
+    method = _serve_method(architecture_of(config))
+    info = _read_json(run_dir / "run_info.json")
+    return engine_warnings(info.get("target_architectures"), method[1] if method else None, fmt)
