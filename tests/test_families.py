@@ -133,3 +133,41 @@ def test_auto_attention_keeps_sinks_and_refuses_flash_attention_for_them():
 def _close(actual, expected):
     """Equal up to fp32 rounding at the tensor's own scale (0.2-spread weights make features of size ~10)."""
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trainer_learns_on_the_family_and_exports_its_shapes(family, tmp_path, capsys):
+    """The whole trainer on the instance saved as an HF checkpoint (the tiny chat tokenizer): the loss
+    falls over a few steps on the same small data, τ is measured by speculative decoding through the
+    family's attention over a KV cache, and the export's config carries the target's shapes, with a
+    warning where no engine is known to serve the family."""
+    import json
+
+    from eagle_online.engines import engine_warnings
+    from eagle_online.export import export_run
+    from eagle_online.metrics import read_metrics
+    from eagle_online.recipe import load_recipe
+    from eagle_online.trainer import Trainer
+    from tests.families import save_family
+
+    target_dir = save_family(family, tmp_path / "target")
+    run = tmp_path / "run"
+    recipe = load_recipe("tiny_eagle3", [
+        f"target.model={target_dir}", f"run.output_dir={run}", "draft.ttt_length=2", "draft.draft_vocab_size=512",
+        "data.sources.0.max_rows=6", "data.tokens_per_batch=512", "data.max_length=256", "training.max_steps=8",
+        "training.epochs=8", "training.lr=1e-2", "training.warmup_ratio=0", "training.log_every=1",
+        "training.checkpoint_every=8", "training.progress_bar=false", "eval.every=8", "eval.floors=false",
+        "eval.num_prompts=2", "eval.max_new_tokens=6", "eval.final_temperatures=[]"])
+    trainer = Trainer(recipe)
+    trainer.setup()
+    trainer.train()
+    rows = read_metrics(run)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 8 and losses[-1] < 0.9 * losses[0], losses
+    assert any(r.get("eval_tau", 0) >= 1 for r in rows)
+    config = json.loads((export_run(run) / "config.json").read_text())
+    source = json.loads((target_dir / "config.json").read_text())
+    assert config["target_hidden_size"] == source["hidden_size"] == 64
+    assert config["vocab_size"] == source["vocab_size"] and config["draft_vocab_size"] == 512
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warned) == len(engine_warnings(source["architectures"], "eagle3", "eagle3"))
