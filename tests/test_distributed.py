@@ -26,6 +26,7 @@ from eagle_online.metrics import read_metrics
 from eagle_online.plan import Layout, plan, target_shapes
 from eagle_online.recipe import load_recipe
 from eagle_online.trainer import Trainer, rank_batch_indices
+from tests.families import save_family
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "launch" / "train.py"
@@ -207,14 +208,14 @@ def _probe(tmp_path, launcher: list[str], *overrides: str) -> list[dict]:
     return [torch.load(p, weights_only=False, map_location="cpu") for p in sorted(tmp_path.glob("rank*.pt"))]
 
 
-def _reference(device: str = "cpu"):
+def _reference(device: str = "cpu", *overrides: str):
     """The same probe in this process, unsharded, on `device` (results on the CPU)."""
     sys.path.insert(0, str(PROBE.parent))
     from zero3_probe import draft_ids, probe_inputs
 
     from eagle_online.target import FrozenTarget, load_target_model
 
-    cfg = load_recipe("tiny_eagle3").target
+    cfg = load_recipe("tiny_eagle3", list(overrides)).target
     target = FrozenTarget(load_target_model(cfg, torch.device(device)), None, draft_ids().to(device))
     out = target(*(x.to(device) for x in probe_inputs()))
     return target.cpu(), type(out)(**{k: v.cpu() for k, v in vars(out).items()})
@@ -241,6 +242,29 @@ def test_two_ranks_each_hold_half_and_capture_what_one_process_does(tmp_path):
         torch.testing.assert_close(r["teacher_logits"], ref.teacher_logits, rtol=0, atol=1e-5)
         assert torch.equal(r["teacher_in_draft"], ref.teacher_in_draft)
         assert torch.equal(r["lm_head_draft"], target.lm_head_draft)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])  # Mixtral counts: tests/test_plan.py
+def test_two_ranks_capture_what_one_process_does_on_a_mixture_of_experts(tmp_path, family):
+    """The same on the tiny instances of the MoE families (Qwen3-MoE, Mixtral, gpt-oss with its sinks and
+    windows): every expert's weights are partitioned and gathered whether or not a token is routed to it,
+    as plan.py counts them, and the features and teacher equal one unsharded process's."""
+    model = f"target.model={save_family(family, tmp_path / 'target')}"
+    (tmp_path / "probe").mkdir()
+    ranks = _probe(tmp_path / "probe", _torchrun(2), model, "target.zero3.param_persistence_threshold=0")
+    target, ref = _reference("cpu", model)
+    total = sum(p.numel() for p in target.parameters())
+    recipe = load_recipe("tiny_eagle3", [model, "target.sharding=zero3", "target.zero3.param_persistence_threshold=0"])
+    paper = plan(recipe, Layout(2, 2, "zero3"), target_shapes(recipe.target.model)[0])
+    assert len(ranks) == 2
+    for r in ranks:
+        assert r["counts"].total == total and r["counts"].local * 4 == paper.target_weights
+        assert r["received_per_forward"][1:] == [paper.allgather_bytes] * 2
+        scale = float(ref.aux_hidden.abs().max())
+        torch.testing.assert_close(r["aux_hidden"], ref.aux_hidden, rtol=1e-5, atol=1e-5 * scale)
+        torch.testing.assert_close(r["teacher_logits"], ref.teacher_logits, rtol=1e-5, atol=1e-4)
+        assert torch.equal(r["teacher_in_draft"], ref.teacher_in_draft)
 
 
 @pytest.mark.slow
