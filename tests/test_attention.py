@@ -277,3 +277,18 @@ def test_document_layout_regroups_and_restores_tokens():
     padded = layout.pad(tokens)
     assert padded[layout.valid].tolist() == list(range(12))
     assert torch.equal(layout.unpad(padded), tokens)
+
+
+@pytest.mark.gpu
+def test_cuda_varlen_window_matches_math_kernel():
+    """On a GPU: a sliding window through torch's CUDA varlen op (its window_size) equals the explicit
+    math kernel's (bf16 inputs; bf16 tolerance relative to the largest entry), when the op takes one."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pos = _packed([[50, 3, 77], [130]]).cuda()
+    layout = DocumentLayout.from_position_ids(pos)
+    n, h, kvh, d = pos.numel(), 8, 2, 128
+    q, k, v = (torch.randn(n, heads, d, device="cuda", generator=g).bfloat16() for heads in (h, kvh, kvh))
+    assert pick_kernel(q, window=16).name == "cuda_varlen", "the op takes no window_size: windows run the math kernel"
+    out, _ = KERNELS["cuda_varlen"].forward(q, k, v, layout, d**-0.5, 16)
+    ref, _ = KERNELS["math"].forward(q, k, v, layout, d**-0.5, 16)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2 * float(ref.abs().max()))
