@@ -2,10 +2,14 @@
 T=1, where the tiny target's loops do not flatter drafts) is clearly above the same head untrained."""
 import argparse
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from launch.benchmarks import quality
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
@@ -42,6 +46,9 @@ def test_smollm2_learning_curves(tmp_path):
     report = json.loads((tmp_path / "q.json").read_text())
     s = report["settings"]
     assert (s["target"], s["steps"], s["tokens"], s["num_draft_tokens"]) == ("smollm2", 3, 1536, 5)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    sha = head.stdout.strip()
+    assert report["commit"] in ((sha, sha + "+dirty") if head.returncode == 0 else (None,))  # what ran
     assert set(report["heads"]) == set(report["curves"]) == {"eagle3", "eagle1"}
     assert report["bigram"]["0.0"]["tau"] >= 1.0 and len(report["bigram"]["1.0"]["acceptance"]) == 5
     for name, curve in report["curves"].items():

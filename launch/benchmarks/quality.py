@@ -100,6 +100,19 @@ def _curve(run_dir, untrained: dict, trained: dict, tokens_per_batch: int) -> li
     return [points[s] for s in sorted(points)]
 
 
+def _commit() -> str | None:
+    """The checkout's commit, "+dirty" when files differ from it; None outside a git checkout."""
+    import subprocess
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=Path(__file__).parent, capture_output=True, text=True)
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if git("status", "--porcelain", "--untracked-files=no").stdout else "")
+
+
 def run_quality(args, log=print, save=None) -> dict:
     """Train and measure every head (see the module docstring); returns the report. `save(report)` is
     called after each head with the report so far, so a run stopped during a later head keeps the
@@ -115,7 +128,7 @@ def run_quality(args, log=print, save=None) -> dict:
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="quality-"))
     prompts = load_prompts("builtin:sharegpt", limit=args.prompts, skip=args.prompt_skip)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "plot")}
-    report = {"settings": settings, "heads": {}, "curves": {}}
+    report = {"settings": settings, "commit": _commit(), "heads": {}, "curves": {}}
     bigram_done = False
     try:
         for name, recipe_name in TARGETS[args.target]["recipes"].items():
