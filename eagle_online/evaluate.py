@@ -32,7 +32,7 @@ from eagle_online.data.sources import DataError, iter_conversations, iter_jsonl
 from eagle_online.export import load_draft
 from eagle_online.heads import drafter_for
 from eagle_online.heads.base import Drafter, DraftStep
-from eagle_online.layout import aux_layer_ids_of, draft_ids
+from eagle_online.layout import aux_layer_ids_of, cast_parameters, draft_ids
 from eagle_online.recipe import DataSource
 from eagle_online.target import FrozenTarget, load_target_model, load_tokenizer
 
@@ -557,7 +557,7 @@ def evaluate_draft(recipe, draft_dir, prompts_path: str, *, temperatures=(0.0,),
     model = load_target_model(recipe.target, device)
     dtype = model.get_output_embeddings().weight.dtype
     head = load_draft(draft_dir, model.get_input_embeddings().weight, model.get_output_embeddings().weight)
-    head = head.to(device=device, dtype=dtype)
+    head = cast_parameters(head.to(device), dtype)  # RoPE's inv_freq stays fp32
     aux_ids = recipe.target.aux_layer_ids or aux_layer_ids_of(head.config)
     d2t = getattr(head, "d2t", None)
     ids = draft_ids(d2t.to(device)) if d2t is not None and d2t.numel() else \

@@ -185,9 +185,15 @@ def with_embedding(tensors: dict, shape: tuple[int, ...], dtype: torch.dtype, na
     tensors[name] = weight.detach().to("cpu", dtype)
 
 
+def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`module` with its parameters in `dtype` and its buffers as they were: `module.to(dtype)` would also
+    round RoPE's inv_freq to bf16, whose angles at position p are then off by up to p·f·2⁻⁹ radians."""
+    for p in module.parameters():
+        p.data = p.data.to(dtype)
+    return module
+
+
 def load_state(head: torch.nn.Module, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype):
     """`head` holding `tensors` exactly (strict), its parameters in `dtype`; returns it."""
-    for p in head.parameters():  # parameters only: RoPE's inv_freq buffer stays fp32
-        p.data = p.data.to(dtype)
-    head.load_state_dict(dict(tensors), strict=True)
+    cast_parameters(head, dtype).load_state_dict(dict(tensors), strict=True)
     return head

@@ -22,7 +22,7 @@ from eagle_online.heads.eagle import EagleHead
 from eagle_online.heads.eagle3 import Eagle3Head
 from eagle_online.heads.mlp import ARCHITECTURE as MLP
 from eagle_online.heads.mlp import MLPHead
-from eagle_online.layout import aux_layer_ids_of
+from eagle_online.layout import aux_layer_ids_of, cast_parameters
 from eagle_online.recipe import DraftConfig
 from tests.test_export import DEFAULT_IDS, DRAFT_VOCAB, LAYERS, VOCAB, _head, _saved, _target_config
 
@@ -244,3 +244,14 @@ def test_export_run_takes_the_best_checkpoint_by_tau(tmp_path):
     (run / "checkpoints" / "best.json").write_text(json.dumps({"checkpoint": "step_00000050", "tau": 3.0,
                                                                "prompts": 8}))
     assert torch.equal(_saved(export_run(run, "best"))["lm_head.weight"], newest.lm_head.weight.detach())
+
+
+def test_a_bf16_head_keeps_fp32_rope_frequencies():
+    """Loading or evaluating a draft in bf16 casts its parameters, not RoPE's inv_freq: in bf16 the angle at
+    position 2000 would be off by ~2000·2⁻⁹·f radians at frequency f."""
+    head = _head()
+    inv_freq = head.rotary_emb.inv_freq.clone()
+    cast_parameters(head, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in head.parameters())
+    assert head.rotary_emb.inv_freq.dtype == torch.float32 and torch.equal(head.rotary_emb.inv_freq, inv_freq)
+    assert (2000 * (inv_freq.bfloat16().float() - inv_freq)).abs().max() > 0.1  # radians at position 2000
