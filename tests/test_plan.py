@@ -1,4 +1,7 @@
 """Scale on paper: plan.py's arithmetic against real module shapes, and launch/SCALING.md against plan.py."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,6 +162,19 @@ def test_zero3_gathers_every_expert():
     assert p.allgather_bytes == round(gathered * 2 * 7 / 8) and gathered > 9 * shapes.active_params
     layer = sum(q.numel() for q in model.model.layers[0].parameters() if q.numel() > z.param_persistence_threshold)
     assert layer > 600e6 and p.target_gather_peak == (layer + z.prefetch_bucket_size) * 2
+
+
+@pytest.mark.parametrize("name, experts", [("qwen3_30b_a3b_eagle3", 128), ("gpt_oss_20b_eagle3", 32)])
+def test_plan_of_the_moe_recipes_prints_offline(tmp_path, name, experts):
+    """`launch/train.py --plan` for the MoE recipes, with the hub unreachable: built-in shapes, every layout."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--plan", "--recipe", name,
+                           f"run.output_dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "KNOWN_SHAPES" in proc.stdout and f"mixture of {experts} experts" in proc.stdout
+    assert proc.stdout.count("| 1 GPU, none") == 1 and "| 2x8 GPUs, zero3, hpZ 8" in proc.stdout
+    assert not (tmp_path / "run").exists()
 
 
 def test_published_sizes():
