@@ -6,13 +6,15 @@ Arithmetic from the target's shapes, not a measurement. What it counts, per GPU:
   parameters under `param_persistence_threshold`, plus with hpZ a second, node-local partition (1/hpz);
 - the ZeRO-3 gather peak: the largest set of whole parameters alive at once — a decoder layer in use
   plus the prefetch bucket, or the vocabulary matrix (embedding in the forward, lm_head in the teacher's
-  argmax scan), whichever is larger;
+  argmax scan), whichever is larger; a mixture-of-experts layer with all its experts, since ZeRO-3
+  gathers whole modules whichever experts the tokens are routed to;
 - the head (EAGLE-3, fp32 master weights): weights, gradients (in DDP's buckets), AdamW's two moments
   (divided by N with training.optimizer_sharding=zero1) and its frozen fp32 copy of the embedding;
 - the teacher's draft-vocab rows of lm_head;
 - the target forward's transient tensors at data.tokens_per_batch: one layer's working set (residual,
-  norm, q/k/v, attention output, 3 MLP intermediates), the captured features, the teacher's draft-vocab
-  logits (in the target's dtype, with an fp32 log-sum-exp per token) and one chunk of the
+  norm, q/k/v, attention output, 3 MLP intermediates, or an MoE layer's router logits and, per routed
+  expert, the token's copy, 3 intermediates and the output), the captured features, the teacher's
+  draft-vocab logits (in the target's dtype, with an fp32 log-sum-exp per token) and one chunk of the
   full-vocabulary argmax scan.
 
 - the head's activations: what autograd keeps for the EAGLE-3 head's backward over its TTT unroll under
@@ -24,10 +26,10 @@ Not counted: backward's transient tensors (activation gradients, the fused loss'
 slack, the CUDA context. `headroom_gb` is what an 80 GB GPU has left for those.
 
 Communication, bytes each GPU receives per optimizer step (gradient_accumulation_steps micro-steps):
-ZeRO-3 gathers every non-persistent target parameter once per micro-step (ring all-gather: (n-1)/n of
-it, n = the gathering group: all N ranks, or the hpz node-local group once the first step has built the
-secondary partitions); DDP all-reduces the head's fp32 gradients once per step (ring: 2(N-1)/N); zero1
-adds a broadcast of the updated head weights ((N-1)/N).
+ZeRO-3 gathers every non-persistent target parameter once per micro-step, an MoE target's every expert
+(ring all-gather: (n-1)/n of it, n = the gathering group: all N ranks, or the hpz node-local group once
+the first step has built the secondary partitions); DDP all-reduces the head's fp32 gradients once per
+step (ring: 2(N-1)/N); zero1 adds a broadcast of the updated head weights ((N-1)/N).
 """
 from __future__ import annotations
 
@@ -46,58 +48,169 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}  # auto is bf16 
 
 @dataclass(frozen=True)
 class TargetShapes:
-    """The dimensions of a Llama-style decoder that the arithmetic needs."""
+    """The dimensions of a decoder-only target that the arithmetic needs: Llama-style by default, with
+    the extras of the families people train drafts for (each field says which), dense or
+    mixture-of-experts. `from_config` reads them from a HF config.json."""
 
     hidden: int
     layers: int
-    intermediate: int
+    intermediate: int  # the dense MLP's width (an MoE model's dense layers; the EAGLE-3 head's MLP)
     heads: int
     kv_heads: int
     head_dim: int
     vocab: int
     tied_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2.5; with o_bias, gpt-oss and Llama's attention_bias)
+    o_bias: bool = False
+    mlp_bias: bool = False  # Llama's mlp_bias
+    qk_norm: bool = False  # Qwen3, Gemma-3: an RMS norm over each head's q and k
+    sandwich_norms: bool = False  # Gemma-2/3: norms before and after the MLP too (4 per layer)
+    fused_projections: bool = False  # Phi-3/4: qkv_proj and gate_up_proj (the same counts in fewer tensors)
+    sinks: bool = False  # gpt-oss: one learned sink logit per head
+    experts: int = 0  # routed experts per MoE layer; 0: dense
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    moe_bias: bool = False  # gpt-oss: the router's and the experts' biases
+    dense_layers: tuple[int, ...] = ()  # an MoE model's layers with a dense MLP (Qwen3-MoE's mlp_only_layers, ...)
 
     @classmethod
     def from_config(cls, cfg: dict) -> TargetShapes:
-        """From a HF config.json mapping (the text config of a multimodal one)."""
-        cfg = cfg.get("text_config", cfg)
-        heads = cfg["num_attention_heads"]
+        """From a HF config.json mapping (the text config of a multimodal one). ValueError for a
+        mixture-of-experts family whose layout is not known here (counting it as dense would be wrong)."""
+        outer, cfg = cfg, cfg.get("text_config", cfg)
+        kind = cfg.get("model_type") or outer.get("model_type", "")
+        heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
+        gemma = kind.startswith("gemma")
+        # Qwen2 always has q/k/v biases and no o_proj bias; Mistral, Mixtral and Phi-3 have none whatever the
+        # config says; the others put attention_bias on all four projections.
+        bias = bool(cfg.get("attention_bias", False)) and kind not in ("mistral", "mixtral", "phi3")
+        experts = cfg.get("num_experts", cfg.get("num_local_experts")) or 0
+        moe = dict(experts_per_token=cfg.get("num_experts_per_tok") or cfg.get("experts_per_token") or 0)
+        if kind == "qwen3_moe":
+            step, only = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or ())
+            moe.update(expert_intermediate=cfg["moe_intermediate_size"],
+                       dense_layers=tuple(i for i in range(layers) if i in only or (i + 1) % step != 0))
+        elif kind in ("mixtral", "gpt_oss"):
+            moe.update(expert_intermediate=cfg["intermediate_size"], moe_bias=kind == "gpt_oss")
+        elif experts or "moe" in kind or any(k in cfg for k in ("n_routed_experts", "moe_intermediate_size")):
+            raise ValueError(f"no parameter layout for the mixture-of-experts model_type {kind!r} (known: qwen3_moe, "
+                             "mixtral, gpt_oss); counting it as a dense model would be wrong")
         return cls(
-            hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"], intermediate=cfg["intermediate_size"],
+            hidden=cfg["hidden_size"], layers=layers, intermediate=cfg["intermediate_size"],
             heads=heads, kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, vocab=cfg["vocab_size"],
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+            # Gemma ties its embeddings unless told otherwise; the others untie them in their config.json.
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", outer.get("tie_word_embeddings", gemma))),
+            attention_bias=kind == "qwen2" or bias, o_bias=bias, mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=kind in ("qwen3", "qwen3_moe", "gemma3", "gemma3_text"),
+            sandwich_norms=kind in ("gemma2", "gemma3", "gemma3_text"), fused_projections=kind == "phi3",
+            sinks=kind == "gpt_oss", experts=experts if moe.get("expert_intermediate") else 0, **moe,
         )
 
-    def layer_tensors(self) -> list[int]:
-        """Element counts of one decoder layer's parameters."""
-        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        out = [h * q, h * kv, h * kv, q * h, h * self.intermediate, h * self.intermediate,
-               self.intermediate * h, h, h]
-        if self.attention_bias:
-            out += [q, kv, kv]
-        return out
+    def is_moe(self, layer: int) -> bool:
+        """Whether decoder layer `layer` routes its MLP through experts."""
+        return self.experts > 0 and layer not in self.dense_layers
+
+    def layer_tensors(self, layer: int = 0) -> list[int]:
+        """Element counts of decoder layer `layer`'s parameters, tensor by tensor as transformers builds
+        them: an MoE layer's router, then its experts' gate and up projections as one [E, 2I, H] tensor
+        and their down projections as one [E, H, I] (every expert: ZeRO-3 gathers a whole module,
+        whichever experts the tokens are routed to)."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        out = [h * (q + 2 * kv), q * h] if self.fused_projections else [h * q, h * kv, h * kv, q * h]
+        out += [q, kv, kv] if self.attention_bias else []
+        out += [h] if self.o_bias else []
+        out += [self.head_dim, self.head_dim] if self.qk_norm else []
+        out += [self.heads] if self.sinks else []
+        if self.is_moe(layer):
+            e, ie = self.experts, self.expert_intermediate
+            out += [e * h, e * 2 * ie * h, e * ie * h]
+            out += [e, e * 2 * ie, e * h] if self.moe_bias else []
+        else:
+            out += [2 * h * i, i * h] if self.fused_projections else [h * i, h * i, i * h]
+            out += [i, i, h] if self.mlp_bias else []
+        return out + [h] * (4 if self.sandwich_norms else 2)
 
     def tensors(self) -> list[int]:
         """Element counts of every parameter: embedding, layers, final norm, lm_head (unless tied)."""
         vocab = [self.vocab * self.hidden]
-        return vocab + self.layer_tensors() * self.layers + [self.hidden] + ([] if self.tied_embeddings else vocab)
+        layers = [x for layer in range(self.layers) for x in self.layer_tensors(layer)]
+        return vocab + layers + [self.hidden] + ([] if self.tied_embeddings else vocab)
 
     @property
     def params(self) -> int:
         return sum(self.tensors())
 
+    @property
+    def active_params(self) -> int:
+        """Parameters a token runs through: all but the experts it is not routed to (embeddings counted)."""
+        e, k = self.experts, self.experts_per_token
+        unrouted = sum(self.experts_per_layer_params(layer) for layer in range(self.layers))
+        return self.params - (unrouted * (e - k) // e if e else 0)
 
-# Used when a hub name is not in the local Hugging Face cache (--plan never downloads). From the models'
-# published config.json files.
+    def experts_per_layer_params(self, layer: int) -> int:
+        """Elements of layer `layer`'s experts (router excluded); 0 in a dense layer."""
+        if not self.is_moe(layer):
+            return 0
+        h, ie = self.hidden, self.expert_intermediate
+        return self.experts * (3 * ie * h + (2 * ie + h if self.moe_bias else 0))
+
+    def mlp_working(self, layer: int) -> int:
+        """Elements per token of layer `layer`'s MLP intermediates: gate, up and their product; in an MoE
+        layer the router's logits and, for each of the k experts the token goes to, its copy of the
+        token, those three and the expert's output."""
+        if not self.is_moe(layer):
+            return 3 * self.intermediate
+        return self.experts + self.experts_per_token * (3 * self.expert_intermediate + 2 * self.hidden)
+
+
+# Used when a hub name is not in the local Hugging Face cache (--plan never downloads). The first four
+# from the models' published config.json files; the rest are built by TargetShapes.from_config from the
+# published config.json's values (PUBLISHED_CONFIGS: each file's relevant keys as published).
 KNOWN_SHAPES: dict[str, TargetShapes] = {
     "meta-llama/Llama-3.1-8B-Instruct": TargetShapes(4096, 32, 14336, 32, 8, 128, 128256),
     "meta-llama/Llama-3.3-70B-Instruct": TargetShapes(8192, 80, 28672, 64, 8, 128, 128256),
-    "Qwen/Qwen3-8B": TargetShapes(4096, 36, 12288, 32, 8, 128, 151936),
+    "Qwen/Qwen3-8B": TargetShapes(4096, 36, 12288, 32, 8, 128, 151936, qk_norm=True),
     "Qwen/Qwen2.5-7B-Instruct": TargetShapes(3584, 28, 18944, 28, 4, 128, 152064, attention_bias=True),
 }
+
+PUBLISHED_CONFIGS: dict[str, dict] = {
+    # huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json: 30.5B parameters, 3.3B activated
+    "Qwen/Qwen3-30B-A3B": dict(
+        model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
+        tie_word_embeddings=False),
+    # huggingface.co/Qwen/Qwen3-235B-A22B/blob/main/config.json: 235B parameters, 22B activated
+    "Qwen/Qwen3-235B-A22B": dict(
+        model_type="qwen3_moe", hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+        num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
+        tie_word_embeddings=False),
+    # huggingface.co/openai/gpt-oss-20b/blob/main/config.json (the experts ship in MXFP4; a bf16 target
+    # holds them dequantised, which is what is counted): 20.9B parameters, 3.6B active
+    "openai/gpt-oss-20b": dict(
+        model_type="gpt_oss", hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
+        attention_bias=True, vocab_size=201088, tie_word_embeddings=False),
+    # huggingface.co/openai/gpt-oss-120b/blob/main/config.json: 116.8B parameters, 5.1B active
+    "openai/gpt-oss-120b": dict(
+        model_type="gpt_oss", hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=128, num_experts_per_tok=4,
+        attention_bias=True, vocab_size=201088, tie_word_embeddings=False),
+    # huggingface.co/mistralai/Mixtral-8x7B-Instruct-v0.1/blob/main/config.json: 46.7B parameters, 12.9B active
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": dict(
+        model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+        vocab_size=32000, tie_word_embeddings=False),
+    # huggingface.co/google/gemma-3-27b-it/blob/main/config.json, its text_config (the language model; the
+    # SigLIP vision tower beside it, ~0.4B, is not counted); the embeddings are tied (Gemma's default)
+    "google/gemma-3-27b-it": dict(
+        model_type="gemma3", text_config=dict(
+            model_type="gemma3_text", hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
+            num_attention_heads=32, num_key_value_heads=16, head_dim=128, vocab_size=262208)),
+}
+KNOWN_SHAPES.update({name: TargetShapes.from_config(cfg) for name, cfg in PUBLISHED_CONFIGS.items()})
 
 
 def target_shapes(model: str, gguf_file: str | None = None) -> tuple[TargetShapes, str]:
@@ -212,7 +325,8 @@ def plan(recipe: Recipe, layout: Layout, shapes: TargetShapes) -> MemoryPlan:
         persistent = sum(x for x in decoder if x <= z.param_persistence_threshold)
         gathered = t.params - persistent
         weights = (gathered / n + persistent + (gathered / hpz if hpz > 1 else 0)) * b
-        layer = sum(x for x in t.layer_tensors() if x > z.param_persistence_threshold)
+        layer = max(sum(x for x in t.layer_tensors(i) if x > z.param_persistence_threshold)
+                    for i in range(t.layers))  # an MoE layer's: every expert
         gather_peak = max(t.vocab * t.hidden, layer + min(z.prefetch_bucket_size, layer)) * b
         group = hpz if hpz > 1 else n
         per_forward = gathered * b * (group - 1) / group
@@ -232,7 +346,8 @@ def plan(recipe: Recipe, layout: Layout, shapes: TargetShapes) -> MemoryPlan:
             head_comm += (n - 1) / n * 4 * head
 
     tokens = recipe.data.tokens_per_batch
-    layer_working = tokens * (4 * t.hidden + 3 * t.intermediate + (2 * t.heads + 2 * t.kv_heads) * t.head_dim) * b
+    mlp = max(t.mlp_working(i) for i in range(t.layers))
+    layer_working = tokens * (4 * t.hidden + mlp + (2 * t.heads + 2 * t.kv_heads) * t.head_dim) * b
     features = tokens * 4 * t.hidden * b  # low‖mid‖high and the last hidden state
     teacher = tokens * recipe.draft.draft_vocab_size * b + tokens * 4 + tokens * min(ARGMAX_CHUNK, t.vocab) * b
     return MemoryPlan(
@@ -274,9 +389,11 @@ def _gb(x: float) -> str:
 def format_plan(recipe: Recipe, shapes: TargetShapes, source: str, gpus_per_node: int = 8) -> str:
     """The plan as the markdown table `launch/train.py --plan` prints and launch/SCALING.md shows."""
     t = shapes
+    moe = (f"mixture of {t.experts} experts, {t.experts_per_token} per token: {_count(t.active_params)} active, "
+           "all gathered by ZeRO-3; " if t.experts else "")
     lines = [
         f"Plan for recipe {recipe.run.name}: target {recipe.target.model} ({_count(t.params)} parameters, "
-        f"{recipe.target.dtype}), EAGLE-3 head {eagle3_head_params(t, recipe.draft.draft_vocab_size) / 1e6:.0f}M "
+        f"{moe}{recipe.target.dtype}), EAGLE-3 head {eagle3_head_params(t, recipe.draft.draft_vocab_size) / 1e6:.0f}M "
         f"trainable, {recipe.data.tokens_per_batch} tokens per micro-step, gradient accumulation "
         f"{recipe.training.gradient_accumulation_steps}, optimizer sharding {recipe.training.optimizer_sharding}.",
         f"Shapes from {source}. GB = 1e9 bytes, per GPU; traffic is received per GPU per optimizer step.",

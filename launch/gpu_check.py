@@ -13,13 +13,15 @@ never stops the later ones:
              imports the trainer; torch's CUDA varlen op present
   pytest_gpu `pytest -m gpu`: every test that needs CUDA (all skip in the dry run, which says so)
   bench_*    launch/bench.py throughput at Llama-3.1-8B shapes, 16k and 32k tokens per step, Qwen3-8B at
-             16k, a slice of Llama-3.3-70B at 8k (random weights, synthetic data, TTT 7); the dry run
-             runs the same recipes on the random_tiny preset at 256 tokens
+             16k, a slice of Llama-3.3-70B at 8k, and the mixtures of experts at 8k: a slice of
+             Qwen3-30B-A3B and the whole gpt-oss-20b (random weights, synthetic data, TTT 7); the dry
+             run runs the same recipes on the random_tiny preset (random_tiny_moe for the MoE ones) at
+             256 tokens
 
-At the end a summary table (also OUTDIR/summary.json). OUTDIR holds at most 7 files, no folders:
-gpu_check.log (everything printed), summary.json, pytest_gpu.xml and one JSON per benchmark. Exit
-status 1 when a stage failed. Only the standard library is imported here: the packages themselves
-may be what is broken.
+At the end a summary table (also OUTDIR/summary.json). OUTDIR holds 4 files, no folders (the GPU tool
+brings back at most 8): gpu_check.log (everything printed), summary.json, pytest_gpu.xml and
+benchmarks.json (each benchmark's whole JSON by stage name). Exit status 1 when a stage failed.
+Only the standard library is imported here: the packages themselves may be what is broken.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ FIGURES = "gpu_check figures: "  # a stage's output line starting with this carr
 # wheels + env ~20 s; pytest_gpu ~150 s (inductor compiling the head, two training runs in subprocesses, DeepSpeed
 # and NCCL starting) in a box of 270; each benchmark ~40-60 s (imports; 16 GB of random target weights built on
 # the GPU in seconds; the head's ~1 B fp32 parameters initialised on the CPU; 2 + 3 steps whole, 3 split, 3
-# phase by phase) in a box of 100. A stage gets at most what is left of the budget, so a slow one costs the last.
+# phase by phase) in a box of 100; the two MoE benchmarks run 1 + 2 steps, ~30-40 s each. A stage gets at most what
+# is left of the budget, so a slow one costs the last.
 BUDGET_S = 470
 # The kit's wheels are for the GPU machine's interpreter (launch/gpu_wheels.sh downloads the same set).
 KIT_PLATFORM = ["--python-version", "3.12", "--implementation", "cp", "--only-binary=:all:",
@@ -214,7 +217,8 @@ def pytest_stage(out: Path) -> Stage:
                                 f"--junitxml={out / 'pytest_gpu.xml'}", "tests"], 270)
 
 
-# (stage, recipe, preset, tokens per step, extra arguments): the GPU shapes; the dry run swaps in random_tiny.
+# (stage, recipe, preset, tokens per step, extra arguments): the GPU shapes; the dry run swaps in random_tiny
+# (random_tiny_moe for a mixture of experts), drops the step counts and slices 7 of its 8 layers instead.
 BENCHES = [
     ("bench_llama3_8b_16k", "llama3_eagle3", "llama3_8b", 16384, []),
     ("bench_llama3_8b_32k", "llama3_eagle3", "llama3_8b", 32768, []),
@@ -222,18 +226,40 @@ BENCHES = [
     # 8 of the 80 layers with the whole 70B head, one 8k-token micro-step per step, unsharded on one GPU.
     ("bench_llama3_70b_8k", "llama3_70b_eagle3", "llama3_70b", 8192,
      ["--target-layers", "8", "target.sharding=none", "training.gradient_accumulation_steps=1"]),
+    # 8 of the 48 layers (10 of its 61 GB: the whole would not leave the head room), all 128 experts each.
+    ("bench_qwen3_30b_a3b_8k", "qwen3_30b_a3b_eagle3", "qwen3_30b_a3b", 8192,
+     ["--target-layers", "8", "target.sharding=none", "--steps", "2", "--warmup", "1"]),
+    # The whole model: 42 GB in bf16.
+    ("bench_gpt_oss_20b_8k", "gpt_oss_20b_eagle3", "gpt_oss_20b", 8192, ["--steps", "2", "--warmup", "1"]),
 ]
+MOE_PRESETS = {"qwen3_30b_a3b", "gpt_oss_20b"}
 
 
-def bench_stages(out: Path, gpu: bool) -> list[Stage]:
+def _dry_run_options(extra: list[str]) -> list[str]:
+    """A benchmark's extra arguments for the dry run: a layer slice becomes 7 of random_tiny's 8 layers, and the
+    GPU's step counts give way to the dry run's own."""
+    out, rest = [], list(extra)
+    while rest:
+        arg = rest.pop(0)
+        if arg in ("--target-layers", "--steps", "--warmup"):
+            value = rest.pop(0)
+            out += ["--target-layers", "7"] if arg == "--target-layers" and value else []
+        else:
+            out.append(arg)
+    return out
+
+
+def bench_stages(results: Path, gpu: bool) -> list[Stage]:
+    """The benchmark stages, each writing its JSON into `results` (a scratch folder: main gathers them)."""
     stages = []
     for name, recipe, preset, tokens, extra in BENCHES:
-        cmd = [sys.executable, "launch/bench.py", "throughput", "--recipe", recipe, "--out", str(out / f"{name}.json")]
+        cmd = [sys.executable, "launch/bench.py", "throughput", "--recipe", recipe, "--out",
+               str(results / f"{name}.json")]
         if gpu:
             cmd += ["--target", preset, "--tokens", str(tokens), "--steps", "3", "--warmup", "2", *extra]
-        else:  # the same recipe and options at tiny shapes: random_tiny has 8 layers and a 1024-token vocabulary
-            extra = ["--target-layers", "7", *extra[2:]] if "--target-layers" in extra else extra
-            cmd += ["--target", "random_tiny", "--tokens", "256", "--steps", "1", "--warmup", "1", *extra,
+        else:  # the same recipe and options at tiny shapes: 8 layers and a 1024-token vocabulary
+            tiny = "random_tiny_moe" if preset in MOE_PRESETS else "random_tiny"
+            cmd += ["--target", tiny, "--tokens", "256", "--steps", "1", "--warmup", "1", *_dry_run_options(extra),
                     "draft.draft_vocab_size=256", "data.max_length=256"]
         stages.append(Stage(name, cmd, 100 if gpu else 60))
     return stages
@@ -265,9 +291,9 @@ def judge_pytest(stage: Stage, out: Path) -> None:
         stage.status = "PASS"
 
 
-def judge_bench(stage: Stage, out: Path, gpu: bool) -> None:
+def judge_bench(stage: Stage, results: Path, gpu: bool) -> None:
     """The benchmark's headline figures from its JSON, and on the GPU the goals they meet or miss."""
-    path = out / f"{stage.name}.json"
+    path = results / f"{stage.name}.json"
     if stage.status:
         return
     if not path.exists():
@@ -297,12 +323,12 @@ def judge_bench(stage: Stage, out: Path, gpu: bool) -> None:
 
 def summary_table(stages: list[Stage], mode: str, total_s: float) -> str:
     lines = [f"gpu_check summary ({mode}; {total_s:.0f} s of a {BUDGET_S} s budget)",
-             f"{'stage':<22}{'status':<8}{'seconds':>8}  figures / reason"]
+             f"{'stage':<24}{'status':<8}{'seconds':>8}  figures / reason"]
     for s in stages:
         fig = {k: v for k, v in s.figures.items() if k not in ("phases_ms", "phases_alone_ms", "skip_reasons")}
         text = s.reason if s.status != "PASS" else ""
         text = "; ".join(x for x in (text, ", ".join(f"{k} {v}" for k, v in fig.items())) if x)
-        lines.append(f"{s.name:<22}{s.status:<8}{s.seconds:>8.1f}  {text}")
+        lines.append(f"{s.name:<24}{s.status:<8}{s.seconds:>8.1f}  {text}")
     return "\n".join(lines)
 
 
@@ -332,7 +358,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for old in ("gpu_check.log", "summary.json", "pytest_gpu.xml", *(f"{b[0]}.json" for b in BENCHES)):
+    for old in ("gpu_check.log", "summary.json", "pytest_gpu.xml", "benchmarks.json"):
         (out / old).unlink(missing_ok=True)
     path = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]  # the repo is importable
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
@@ -347,7 +373,9 @@ def main(argv=None) -> int:
     runner.say(f"gpu_check: {mode}; output in {out}")
 
     scratch = Path(tempfile.mkdtemp(prefix="gpu_check_kit_"))
-    stages = [wheels_stage(Path(args.wheels), gpu, scratch), env_stage(gpu), pytest_stage(out), *bench_stages(out, gpu)]
+    results = Path(tempfile.mkdtemp(prefix="gpu_check_bench_"))
+    stages = [wheels_stage(Path(args.wheels), gpu, scratch), env_stage(gpu), pytest_stage(out),
+              *bench_stages(results, gpu)]
     only = set(args.only.split(",")) if args.only else None
     known = {s.name for s in stages}
     for name in (only or set()) | {args.fail_stage} - {None}:
@@ -369,11 +397,15 @@ def main(argv=None) -> int:
             if stage.name == "pytest_gpu" and stage.seconds:
                 judge_pytest(stage, out)
             elif stage.name.startswith("bench_") and stage.seconds:
-                judge_bench(stage, out, gpu)
+                judge_bench(stage, results, gpu)
             elif not stage.status:
                 stage.status = "PASS"
+        benchmarks = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("bench_*.json"))}
+        if benchmarks:  # one file for all: the GPU tool brings back at most 8
+            (out / "benchmarks.json").write_text(json.dumps(benchmarks, indent=2) + "\n")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(results, ignore_errors=True)
     total = time.monotonic() - started
     table = summary_table(stages, mode, total)
     runner.say("\n" + table)

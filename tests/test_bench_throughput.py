@@ -85,3 +85,37 @@ def test_bad_arguments_fail_clearly():
     finally:
         sys.path.pop(0)
     assert bench.main(["throughput", "--target", "random_tiny", "--data", "recipe"]) == 2
+
+
+@pytest.mark.parametrize("preset, name", [("qwen3_30b_a3b", "Qwen/Qwen3-30B-A3B"),
+                                          ("gpt_oss_20b", "openai/gpt-oss-20b")])
+def test_moe_presets_have_the_published_shapes(preset, name):
+    """The MoE presets build (on the meta device: no memory) the published architecture, a slice of it with
+    --target-layers: each layer's tensors what plan.py counts for that hub model, every expert included."""
+    import torch
+
+    from eagle_online.plan import KNOWN_SHAPES
+    from launch.benchmarks.throughput import build_preset
+
+    model = build_preset(preset, 2, torch.bfloat16, torch.device("meta"), "eager")
+    shapes = KNOWN_SHAPES[name]
+    assert len(model.model.layers) == 2 and model.config.vocab_size == shapes.vocab
+    for i, layer in enumerate(model.model.layers):
+        assert sorted(p.numel() for p in layer.parameters()) == sorted(shapes.layer_tensors(i))
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == shapes.experts
+
+
+def test_throughput_on_a_random_moe_preset(tmp_path):
+    """The mixture-of-experts target (Qwen3-MoE's router and experts) goes through the same bench path."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import bench
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "bench.json"
+    code = bench.main(["throughput", "--target", "random_tiny_moe", "--tokens", "256", "--steps", "1", "--warmup",
+                       "1", "--out", str(out), "draft.draft_vocab_size=256", "draft.ttt_length=2"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    _check(result, steps=1)
+    assert (result["config"]["target"], result["config"]["target_layers"]) == ("random_tiny_moe", 8)

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["wheels", "env", "pytest_gpu", "bench_llama3_8b_16k", "bench_llama3_8b_32k", "bench_qwen3_8b_16k",
-          "bench_llama3_70b_8k"]
+          "bench_llama3_70b_8k", "bench_qwen3_30b_a3b_8k", "bench_gpt_oss_20b_8k"]
 
 
 def _gpu_check():
@@ -48,7 +48,7 @@ def test_dry_run_reports_every_stage_and_a_failure_stops_nothing(tmp_path):
     """`bash launch/gpu_check.sh --cpu OUT` with a failure injected into a middle stage: every other stage
     passes, or skips saying why (the GPU tests: no CUDA); the failed one is FAIL and the stages after it still
     run; the exit status is 1; the summary is printed last and written; OUT holds only files the GPU tool
-    brings back (at most 8, plain names, no folders)."""
+    brings back (at most 8, plain names, no folders): every benchmark's JSON in one file."""
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.run(["bash", str(ROOT / "launch" / "gpu_check.sh"), "--cpu", "--wheels",
@@ -66,19 +66,45 @@ def test_dry_run_reports_every_stage_and_a_failure_stops_nothing(tmp_path):
     tests = stages["pytest_gpu"]
     assert "needs CUDA" in tests["reason"] and tests["figures"]["failed"] == 0 and tests["figures"]["skipped"] >= 9
     assert "failure injected" in stages["bench_llama3_8b_32k"]["reason"]
-    for name in ("bench_llama3_8b_16k", "bench_qwen3_8b_16k", "bench_llama3_70b_8k"):  # the last two ran after it
+    for name in STAGES[5:]:  # they ran after it
         fig = stages[name]["figures"]
         assert stages[name]["seconds"] > 0 and fig["tokens_per_s"] > 0 and fig["peak_memory_GB"] > 0, name
     assert "random_tiny 7 layers" in stages["bench_llama3_70b_8k"]["figures"]["shape"]  # --target-layers applied
+    assert "random_tiny_moe 7 layers" in stages["bench_qwen3_30b_a3b_8k"]["figures"]["shape"]
+    assert "random_tiny_moe 8 layers" in stages["bench_gpt_oss_20b_8k"]["figures"]["shape"]
 
     table = proc.stdout[proc.stdout.rindex("gpu_check summary"):]
     for name in STAGES:
         assert re.search(rf"^{name}\s+{status[name]}\s", table, re.M), (name, table)
     assert table in (out / "gpu_check.log").read_text()
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["gpu_check.log", "summary.json", "pytest_gpu.xml", "bench_llama3_8b_16k.json",
-                            "bench_qwen3_8b_16k.json", "bench_llama3_70b_8k.json"])
+    assert files == sorted(["gpu_check.log", "summary.json", "pytest_gpu.xml", "benchmarks.json"])
+    benchmarks = json.loads((out / "benchmarks.json").read_text())
+    assert sorted(benchmarks) == sorted(set(STAGES[3:]) - {"bench_llama3_8b_32k"})
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) and (out / f).is_file() for f in files)
+
+
+def test_benchmark_commands_on_the_gpu_and_in_the_dry_run(tmp_path):
+    """On the GPU the MoE stages build their presets (Qwen3-30B-A3B sliced to 8 layers, one GPU) with short runs;
+    the dry run builds the tiny MoE preset with the same recipe and its own step counts."""
+    gc = _gpu_check()
+    gpu = {s.name: s.command for s in gc.bench_stages(tmp_path, gpu=True)}
+    dry = {s.name: s.command for s in gc.bench_stages(tmp_path, gpu=False)}
+    assert list(gpu) == list(dry) == STAGES[3:]
+
+    def option(cmd, flag):
+        return cmd[len(cmd) - 1 - cmd[::-1].index(flag) + 1]  # the last occurrence wins in argparse
+
+    qwen, oss = gpu["bench_qwen3_30b_a3b_8k"], gpu["bench_gpt_oss_20b_8k"]
+    assert [option(qwen, f) for f in ("--recipe", "--target", "--target-layers", "--tokens", "--steps")] == [
+        "qwen3_30b_a3b_eagle3", "qwen3_30b_a3b", "8", "8192", "2"]
+    assert "target.sharding=none" in qwen and str(tmp_path / "bench_qwen3_30b_a3b_8k.json") in qwen
+    assert [option(oss, f) for f in ("--recipe", "--target", "--steps")] == ["gpt_oss_20b_eagle3", "gpt_oss_20b", "2"]
+    assert "--target-layers" not in oss
+    tiny = dry["bench_qwen3_30b_a3b_8k"]
+    assert [option(tiny, f) for f in ("--target", "--target-layers", "--steps", "--warmup")] == [
+        "random_tiny_moe", "7", "1", "1"]
+    assert option(dry["bench_llama3_8b_16k"], "--target") == "random_tiny"
 
 
 def test_wheel_kit_decisions(tmp_path):

@@ -1,4 +1,7 @@
 """Scale on paper: plan.py's arithmetic against real module shapes, and launch/SCALING.md against plan.py."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +10,7 @@ import torch
 from eagle_online.heads.eagle3 import Eagle3Head, eagle3_config
 from eagle_online.plan import (
     KNOWN_SHAPES,
+    PUBLISHED_CONFIGS,
     Layout,
     TargetShapes,
     eagle3_head_activation_bytes,
@@ -17,6 +21,7 @@ from eagle_online.plan import (
 )
 from eagle_online.recipe import load_recipe
 from launch.benchmarks.throughput import saved_tensor_bytes
+from tests.families import FAMILIES, MOE, build_family
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +58,123 @@ def test_parameter_counts_match_the_real_modules(name, model_type):
         head = Eagle3Head(eagle3_config(config, 32000))
     assert shapes.params == _count(model)
     assert eagle3_head_params(shapes, 32000) == sum(p.numel() for p in head.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_counted_tensor_by_tensor(family):
+    """From the config a family's checkpoint carries, TargetShapes lists every decoder layer's tensors and
+    the whole model's parameters as transformers builds them (the tiny random instances of tests/families.py:
+    MoE routers and experts, biases, sinks, q/k norms, Gemma's four norms, Phi-3's fused projections), and
+    the EAGLE-3 head's trainable count."""
+    from transformers import AutoConfig
+
+    model = build_family(family)
+    shapes = TargetShapes.from_config(model.config.to_dict())
+    assert len(model.model.layers) == shapes.layers
+    for i, layer in enumerate(model.model.layers):
+        assert sorted(p.numel() for p in layer.parameters()) == sorted(shapes.layer_tensors(i)), (family, i)
+    assert sorted(p.numel() for p in model.parameters()) == sorted(shapes.tensors())
+    assert shapes.params == _count(model)
+    assert (shapes.experts > 0) == (family in MOE)
+    config = AutoConfig.for_model(**model.config.to_dict())
+    with torch.device("meta"):
+        head = Eagle3Head(eagle3_config(config, 72))
+    assert eagle3_head_params(shapes, 72) == sum(p.numel() for p in head.parameters() if p.requires_grad)
+
+
+def test_qwen3_moe_dense_layers_are_counted_dense():
+    """Qwen3-MoE's decoder_sparse_step and mlp_only_layers give some layers a dense MLP: each layer is
+    counted as built, and the model's total with it."""
+    from transformers import AutoModelForCausalLM
+
+    config = build_family("qwen3_moe").config
+    config.decoder_sparse_step, config.mlp_only_layers = 2, [3]
+    model = AutoModelForCausalLM.from_config(config)
+    shapes = TargetShapes.from_config(config.to_dict())
+    sparse = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    assert sparse == [1, 5, 7] and [i for i in range(8) if shapes.is_moe(i)] == sparse
+    for i, layer in enumerate(model.model.layers):
+        assert sorted(p.numel() for p in layer.parameters()) == sorted(shapes.layer_tensors(i)), i
+    assert shapes.params == _count(model)
+
+
+def test_multimodal_config_and_tied_embeddings():
+    """A multimodal config (Gemma-3's) is read through its text_config, and its tied embedding is counted
+    once, as in the model; an MoE family with no known layout is refused rather than counted as dense."""
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    text = build_family("gemma3").config
+    text.tie_word_embeddings = True
+    shapes = TargetShapes.from_config(Gemma3Config(text_config=text.to_dict()).to_dict())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(text)
+    assert shapes.tied_embeddings and shapes.params == _count(model)
+    assert shapes == TargetShapes.from_config(text.to_dict())
+    with pytest.raises(ValueError, match="no parameter layout for the mixture-of-experts model_type 'qwen2_moe'"):
+        TargetShapes.from_config({**PUBLISHED_CONFIGS["Qwen/Qwen3-30B-A3B"], "model_type": "qwen2_moe"})
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_CONFIGS))
+def test_published_configs_count_what_transformers_builds(name):
+    """The built-in shapes of the MoE and Gemma-3 targets equal, layer by layer, the model transformers
+    builds from the same config.json values (on the meta device: no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = PUBLISHED_CONFIGS[name]
+    config = AutoConfig.for_model(**cfg.get("text_config", cfg))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = KNOWN_SHAPES[name]
+    for i, layer in enumerate(model.model.layers):
+        assert sorted(p.numel() for p in layer.parameters()) == sorted(shapes.layer_tensors(i)), (name, i)
+    assert shapes.params == _count(model)
+
+
+def test_published_sizes_of_the_moe_targets():
+    """Totals and active parameters as the model cards give them (Qwen3 and Mixtral count the embeddings
+    as active; gpt-oss's card counts the unembedding only)."""
+    def billions(name):
+        s = KNOWN_SHAPES[name]
+        return round(s.params / 1e9, 2), round(s.active_params / 1e9, 2), round(
+            (s.active_params - s.vocab * s.hidden) / 1e9, 2)
+
+    assert billions("Qwen/Qwen3-30B-A3B")[:2] == (30.53, 3.35)  # 30.5B, 3.3B activated
+    assert billions("Qwen/Qwen3-235B-A22B")[:2] == (235.09, 22.19)  # 235B, 22B activated
+    assert billions("mistralai/Mixtral-8x7B-Instruct-v0.1")[:2] == (46.70, 12.88)  # 46.7B, 12.9B active
+    assert billions("openai/gpt-oss-20b")[::2] == (20.91, 3.61)
+    assert billions("openai/gpt-oss-120b")[::2] == (116.83, 5.13)
+
+
+def test_zero3_gathers_every_expert():
+    """ZeRO-3 gathers whole modules whichever experts the tokens are routed to: the per-step traffic of
+    Qwen3-30B-A3B is all its non-persistent parameters (30 B, nine times the 3.3 B a token runs through),
+    and the gather peak holds a whole layer, every expert, as transformers builds it, plus the prefetch."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = "Qwen/Qwen3-30B-A3B"
+    recipe = load_recipe("tiny_eagle3", [f"target.model={name}", "target.dtype=bfloat16"])
+    shapes, z = KNOWN_SHAPES[name], recipe.target.zero3
+    p = plan(recipe, Layout(8, 8, "zero3"), shapes)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**PUBLISHED_CONFIGS[name]))
+    decoder = [q.numel() for n, q in model.named_parameters() if not n.startswith("lm_head")]
+    gathered = _count(model) - sum(x for x in decoder if x <= z.param_persistence_threshold)
+    assert p.allgather_bytes == round(gathered * 2 * 7 / 8) and gathered > 9 * shapes.active_params
+    layer = sum(q.numel() for q in model.model.layers[0].parameters() if q.numel() > z.param_persistence_threshold)
+    assert layer > 600e6 and p.target_gather_peak == (layer + z.prefetch_bucket_size) * 2
+
+
+@pytest.mark.parametrize("name, experts", [("qwen3_30b_a3b_eagle3", 128), ("gpt_oss_20b_eagle3", 32)])
+def test_plan_of_the_moe_recipes_prints_offline(tmp_path, name, experts):
+    """`launch/train.py --plan` for the MoE recipes, with the hub unreachable: built-in shapes, every layout."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--plan", "--recipe", name,
+                           f"run.output_dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "KNOWN_SHAPES" in proc.stdout and f"mixture of {experts} experts" in proc.stdout
+    assert proc.stdout.count("| 1 GPU, none") == 1 and "| 2x8 GPUs, zero3, hpZ 8" in proc.stdout
+    assert not (tmp_path / "run").exists()
 
 
 def test_published_sizes():

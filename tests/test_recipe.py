@@ -30,6 +30,12 @@ def test_shipped_recipes_name_their_targets_and_sizes():
     )
     assert load_recipe("qwen3_eagle3").target.model == "Qwen/Qwen3-8B"
     assert load_recipe("qwen2_5_eagle3").target.model == "Qwen/Qwen2.5-7B-Instruct"
+    moe = load_recipe("qwen3_30b_a3b_eagle3")
+    assert (moe.target.model, moe.target.sharding, moe.data.chat_template_kwargs) == (
+        "Qwen/Qwen3-30B-A3B", "zero3", {"enable_thinking": False})
+    oss = load_recipe("gpt_oss_20b_eagle3")
+    assert (oss.target.model, oss.target.sharding, oss.data.chat_template_kwargs) == (
+        "openai/gpt-oss-20b", "none", {"reasoning_effort": "medium"})
     assert Path(resolve_asset(load_recipe("tiny_eagle3").target.model)).is_dir()
 
 

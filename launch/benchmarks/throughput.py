@@ -13,11 +13,12 @@ optimizer built by `Trainer.setup`), not a copy: warm-up steps, then timed steps
 so pipeline_overhead = whole step / sum of the phases alone − 1.
 
 `--target recipe` (the default) loads the recipe's target as training does (the tiny recipe's is
-shipped, so nothing is downloaded). A preset (`llama3_8b`, `qwen3_8b`, `llama3_70b`, `random_tiny`)
-builds that architecture from its config with random weights on the device, so no download is
-needed; its data are synthetic conversations, and its lm_head rows outside the draft vocab are
-zeroed so that every teacher argmax is a draft token (a trained target: most are) and the head
-trains on every trained position, as it would on real data.
+shipped, so nothing is downloaded). A preset (`llama3_8b`, `qwen3_8b`, `llama3_70b`, the mixtures of
+experts `qwen3_30b_a3b` and `gpt_oss_20b`, `random_tiny`, `random_tiny_moe`) builds that architecture
+from its config with random weights on the device, so no download is needed; its data are synthetic
+conversations, and its lm_head rows outside the draft vocab are zeroed so that every teacher argmax is
+a draft token (a trained target: most are) and the head trains on every trained position, as it
+would on real data.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 
 from eagle_online.data import PreparedData, TokenizedConversation
+from eagle_online.plan import PUBLISHED_CONFIGS
 from eagle_online.recipe import Recipe, load_recipe
 from eagle_online.timing import PHASES, StepTimer, peak_memory_bytes, reset_peak_memory, synchronize
 
@@ -41,6 +43,12 @@ _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "l
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 _LLAMA3 = dict(model_type="llama", num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
                rms_norm_eps=1e-5, rope_parameters=_LLAMA3_ROPE)
+
+
+def _published(name: str, **extra) -> dict:
+    """The config values eagle_online.plan counts for hub model `name`, plus what only the forward reads."""
+    return dict({k: v for k, v in PUBLISHED_CONFIGS[name].items() if k != "tie_word_embeddings"}, **extra)
+
 
 # Architectures from their published configs (random weights are built from these, never downloaded).
 PRESETS: dict[str, dict] = {
@@ -54,11 +62,25 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=40960, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default",
                                                                            "rope_theta": 1000000.0},
     ),
+    # Mixtures of experts, built by Qwen3MoeConfig and GptOssConfig (gpt-oss: yarn RoPE, alternating
+    # 128-token windows and full layers, sinks, as those defaults build it). Qwen3-30B-A3B in bf16 is 61 GB,
+    # more than one 80 GB GPU holds beside the head's 16k-token activations: bench a slice (--target-layers).
+    "qwen3_30b_a3b": _published(
+        "Qwen/Qwen3-30B-A3B", max_position_embeddings=40960, rms_norm_eps=1e-6, norm_topk_prob=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "gpt_oss_20b": _published("openai/gpt-oss-20b", sliding_window=128, max_position_embeddings=131072,
+                              rms_norm_eps=1e-5),
     # CPU-sized stand-ins with the same code paths (GQA, 8 layers): random_tiny for tests,
     # random_small with a 32k vocabulary, where the draft's logits start to weigh on CPU.
     "random_tiny": dict(
         model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=8, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096,
+    ),
+    # random_tiny_moe: Qwen3-MoE's router and experts (8, 2 per token) at random_tiny's size.
+    "random_tiny_moe": dict(
+        model_type="qwen3_moe", hidden_size=64, intermediate_size=160, moe_intermediate_size=48, num_experts=8,
+        num_experts_per_tok=2, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        vocab_size=1024, max_position_embeddings=4096,
     ),
     "random_small": dict(
         model_type="llama", hidden_size=256, intermediate_size=704, num_hidden_layers=8, num_attention_heads=4,
