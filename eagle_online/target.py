@@ -56,9 +56,21 @@ def resolve_attn_implementation(name: str, device: torch.device, config=None) ->
 def generation_attn_implementation(name: str, device: torch.device, config=None) -> str:
     """The attention for batched `generate` (left padding, KV cache): what `resolve_attn_implementation`
     picks, except that our `varlen` (packed rows, no padding mask, one sequence with a cache) becomes
-    transformers' sdpa."""
+    transformers' sdpa, or eager for a model class that has no sdpa (Gemma-2's soft-caps, gpt-oss's sinks)."""
     resolved = resolve_attn_implementation(name, device, config)
-    return "sdpa" if resolved == VARLEN else resolved
+    if resolved != VARLEN:
+        return resolved
+    return "sdpa" if config is None or _supports_sdpa(config) else "eager"
+
+
+def _supports_sdpa(config) -> bool:
+    """Whether transformers' causal-LM class for `config` runs sdpa (True when the class is not known)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return bool(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._supports_sdpa)
+    except KeyError:
+        return True
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

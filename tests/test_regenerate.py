@@ -183,6 +183,10 @@ def test_generation_attention_is_an_hf_implementation():
     assert generation_attn_implementation("auto", cpu) == "sdpa"
     assert generation_attn_implementation("varlen", cpu) == "sdpa"
     assert generation_attn_implementation("eager", cpu) == "eager"
+    from tests.families import build_family
+
+    for family, expected in (("gemma2", "eager"), ("gpt_oss", "eager"), ("mistral", "sdpa")):
+        assert generation_attn_implementation("auto", cpu, build_family(family).config) == expected, family
 
 
 @pytest.mark.slow
