@@ -286,6 +286,9 @@ def _fmt(value, spec: str = ".3f") -> str:
     return "?" if value is None else format(value, spec)
 
 
+_CARD_LABELS = {"ttt_length": "TTT", "loss": "loss"}
+
+
 def card_text(meta: dict) -> str:
     """The export's README.md: the model card a person reads, from card_metadata's figures."""
     target, draft, ck, tau = meta["target"], meta["draft"], meta["checkpoint"], meta["tau"]
@@ -309,8 +312,9 @@ def card_text(meta: dict) -> str:
     if "draft_vocab_size" in draft:
         of_vocab = f" of {target['vocab_size']:,}" if isinstance(target.get("vocab_size"), int) else ""
         draft_bits.append(f"draft vocabulary {draft['draft_vocab_size']:,}{of_vocab} tokens")
-    if "ttt_length" in draft:
-        draft_bits.append(f"TTT {draft['ttt_length']}")
+    for key, value in draft.items():  # the loss and the head's SHOWN_SETTINGS (TTT length, n_predict)
+        if key not in ("hidden_size", "draft_vocab_size"):
+            draft_bits.append(f"{_CARD_LABELS.get(key, key)} {value}")
     lines.append("| draft | " + ", ".join(draft_bits) + " |")
     of = f" of {ck['total_steps']}" if ck.get("total_steps") else ""
     lines.append(f"| checkpoint | `{ck['name']}`: step {ck.get('step')}{of}; taken because: {ck['why']} |")

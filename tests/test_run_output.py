@@ -111,7 +111,8 @@ def test_summary_and_export_card(run):
     card = (export / "README.md").read_text()
     assert card.startswith("# LlamaForCausalLMEagle3 draft for builtin:tiny_chat")
     for needle in ("step 8 of 8; taken because: the last step", f"bigram {tau['bigram']:.3f}", "`builtin:sharegpt`",
-                   "draft vocabulary 2,048 of 4,096 tokens", meta["serve"]["sglang"], meta["exported_at"]):
+                   "draft vocabulary 2,048 of 4,096 tokens", f"TTT {meta['draft']['ttt_length']}", "loss kl",
+                   meta["serve"]["sglang"], meta["exported_at"]):
         assert needle in card, needle
 
 
