@@ -58,19 +58,29 @@ def test_throughput_on_the_tiny_recipe(tmp_path):
         assert phase in proc.stdout
 
 
-def test_throughput_on_a_random_preset_with_synthetic_data(tmp_path):
-    """A preset architecture built with random weights (no download) trains on synthetic conversations."""
+def _bench_module():
+    """launch/bench.py, imported."""
     sys.path.insert(0, str(ROOT / "launch"))
     try:
         import bench
     finally:
         sys.path.pop(0)
+    return bench
+
+
+def _bench(tmp_path: Path, *args: str) -> dict:
+    """launch/bench.py run in this process; its JSON report (written in tmp_path)."""
     out = tmp_path / "bench.json"
-    code = bench.main(["throughput", "--target", "random_tiny", "--tokens", "384", "--steps", "1", "--warmup", "1",
-                       "--repeats", "1", "--out", str(out), "draft.draft_vocab_size=256", "draft.ttt_length=2",
-                       "training.gradient_accumulation_steps=2"])
-    assert code == 0
-    result = json.loads(out.read_text())
+    assert _bench_module().main([*args[:1], "--out", str(out), *args[1:]]) == 0
+    return json.loads(out.read_text())
+
+
+def test_throughput_on_a_random_preset_with_synthetic_data(tmp_path):
+    """A preset architecture built with random weights (no download) trains on synthetic conversations."""
+    result = _bench(tmp_path, "throughput", "--target", "random_tiny", "--tokens", "384", "--steps", "1",
+                    "--warmup", "1",
+                    "--repeats", "1", "draft.draft_vocab_size=256", "draft.ttt_length=2",
+                    "training.gradient_accumulation_steps=2")
     _check(result, steps=1)
     c = result["config"]
     assert (c["target"], c["target_vocab"], c["data"], c["gradient_accumulation_steps"]) == (
@@ -79,12 +89,7 @@ def test_throughput_on_a_random_preset_with_synthetic_data(tmp_path):
 
 
 def test_bad_arguments_fail_clearly():
-    sys.path.insert(0, str(ROOT / "launch"))
-    try:
-        import bench
-    finally:
-        sys.path.pop(0)
-    assert bench.main(["throughput", "--target", "random_tiny", "--data", "recipe"]) == 2
+    assert _bench_module().main(["throughput", "--target", "random_tiny", "--data", "recipe"]) == 2
 
 
 @pytest.mark.parametrize("preset, name", [("qwen3_30b_a3b", "Qwen/Qwen3-30B-A3B"),
@@ -107,15 +112,8 @@ def test_moe_presets_have_the_published_shapes(preset, name):
 
 def test_throughput_on_a_random_moe_preset(tmp_path):
     """The mixture-of-experts target (Qwen3-MoE's router and experts) goes through the same bench path."""
-    sys.path.insert(0, str(ROOT / "launch"))
-    try:
-        import bench
-    finally:
-        sys.path.pop(0)
-    out = tmp_path / "bench.json"
-    code = bench.main(["throughput", "--target", "random_tiny_moe", "--tokens", "256", "--steps", "1", "--warmup",
-                       "1", "--out", str(out), "draft.draft_vocab_size=256", "draft.ttt_length=2"])
-    assert code == 0
-    result = json.loads(out.read_text())
+    result = _bench(tmp_path, "throughput", "--target", "random_tiny_moe", "--tokens", "256", "--steps", "1",
+                    "--warmup", "1",
+                    "draft.draft_vocab_size=256", "draft.ttt_length=2")
     _check(result, steps=1)
     assert (result["config"]["target"], result["config"]["target_layers"]) == ("random_tiny_moe", 8)
