@@ -241,20 +241,23 @@ class FrozenTarget(nn.Module):
         return self.in_draft[best_id]
 
 
-def load_target_model(cfg: TargetConfig, device: torch.device, move: bool = True) -> nn.Module:
+def load_target_model(cfg: TargetConfig, device: torch.device, move: bool = True,
+                      generation: bool = False) -> nn.Module:
     """Load the target's HF model, frozen, with the KV cache off (packing is ignored with it on).
     `device` decides the `auto` dtype and attention; `move=False` leaves the model where loading put it
-    (ZeRO-3 partitions are already on this rank's device)."""
+    (ZeRO-3 partitions are already on this rank's device). `generation`: for batched `generate` instead
+    (its attention, `generation_attn_implementation`, and the cache on)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_target(cfg)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    attention = generation_attn_implementation if generation else resolve_attn_implementation
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=resolve_dtype(cfg.dtype, device),
-        attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device, config),
+        attn_implementation=attention(cfg.attn_implementation, device, config),
         trust_remote_code=cfg.trust_remote_code,
-        use_cache=False,
+        **({} if generation else {"use_cache": False}),
     )
     if move:
         model = model.to(device)

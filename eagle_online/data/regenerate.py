@@ -35,7 +35,7 @@ from eagle_online.data.prepare import source_labels
 from eagle_online.data.roles import SHAREGPT_NAMES
 from eagle_online.data.sources import DataError, iter_conversation_records
 from eagle_online.recipe import Recipe, RegenerateConfig, resolve_target
-from eagle_online.target import generation_attn_implementation, load_tokenizer, resolve_dtype
+from eagle_online.target import load_target_model, load_tokenizer
 
 ROW_KEY = "eagle_online_row"
 
@@ -201,19 +201,9 @@ def load_generator(recipe: Recipe, tokenizer, renderer: ChatRenderer):
                 raise
         else:
             return VLLMGenerator(recipe, stop_token_ids(tokenizer, renderer))
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    target = recipe.target
-    path = resolve_target(target)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=target.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=resolve_dtype(target.dtype, device),
-        attn_implementation=generation_attn_implementation(target.attn_implementation, device, config),
-        trust_remote_code=target.trust_remote_code,
-    ).to(device)
+    model = load_target_model(recipe.target, device, generation=True)
     return HFGenerator(model, tokenizer, stop_token_ids(tokenizer, renderer, model), recipe.regenerate)
 
 
