@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SERVED, NOT_SERVED, DEPENDS, UNKNOWN = "yes", "no", "depends on the version", "not established"
+SERVED, NOT_SERVED, DEPENDS = "yes", "no", "depends on the version"
 DEFAULT_IDS = "[2, N//2, N-3]"
 
 
 @dataclass(frozen=True)
 class Support:
-    """One engine's EAGLE-3 support for a family: `served` (SERVED, NOT_SERVED, DEPENDS, UNKNOWN), the aux
+    """One engine's EAGLE-3 support for a family: `served` (SERVED, NOT_SERVED, DEPENDS), the aux
     ids it captures by default (None: not established), what to know, and the engine file it was read from."""
 
     served: str
@@ -72,11 +72,16 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            Support(SERVED, DEFAULT_IDS, _SG + "gpt_oss.py: GptOssForCausalLM.set_eagle3_layers_to_capture"),
            Support(SERVED, DEFAULT_IDS, _VL + "gpt_oss.py: GptOssForCausalLM(..., SupportsEagle3, ...)")),
     Family("Gemma-2", "gemma2", ("Gemma2ForCausalLM",),
-           Support(UNKNOWN, None, _SG + "gemma2.py: not read"),
+           Support(NOT_SERVED, None, _SG + "gemma2.py (commit 00b08c4): Gemma2ForCausalLM has no "
+                   "set_eagle3_layers_to_capture"),
            Support(NOT_SERVED, None, _VL + "gemma2.py: Gemma2ForCausalLM(nn.Module, SupportsLoRA, SupportsPP), "
                    "no SupportsEagle3")),
     Family("Gemma-3 (text)", "gemma3_text", ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
-           Support(UNKNOWN, None, _SG + "gemma3_causal.py: not read"),
+           Support(DEPENDS, DEFAULT_IDS, _SG + "gemma3_causal.py (commit 038c87d): "
+                   "Gemma3ForCausalLM.set_eagle3_layers_to_capture",
+                   "newer releases only; and its Gemma3TextModel captures the layer's output before the residual is "
+                   "added (the residual is carried apart for the fused norms), not the residual stream this project "
+                   "trains on, so the draft would be fed other features than it learned from"),
            Support(NOT_SERVED, None, _VL + "gemma3.py: Gemma3ForCausalLM(nn.Module, SupportsLoRA, SupportsPP), "
                    "no SupportsEagle3")),
     Family("Phi-3/4", "phi3", ("Phi3ForCausalLM",),
@@ -123,8 +128,7 @@ def engine_warnings(architectures, method: str | None, fmt: str = "eagle3") -> l
         support: Support = getattr(family, engine)
         if support.served == SERVED:
             continue
-        what = {NOT_SERVED: "does not serve EAGLE-3 drafts for", DEPENDS: "serves EAGLE-3 drafts for",
-                UNKNOWN: "is not known to serve EAGLE-3 drafts for"}[support.served]
+        what = {NOT_SERVED: "does not serve EAGLE-3 drafts for", DEPENDS: "serves EAGLE-3 drafts for"}[support.served]
         extra = f" only in some versions ({support.note})" if support.served == DEPENDS else (
             f" ({support.note})" if support.note else "")
         todo = {"sglang": "the target model needs set_eagle3_layers_to_capture",

@@ -52,7 +52,10 @@ def test_version_dependent_and_unknown_support_warn_for_that_engine_only():
     (line,) = engine_warnings(["MistralForCausalLM"], "eagle3")
     assert line.startswith("vLLM serves EAGLE-3 drafts for Mistral") and "only in some versions" in line
     lines = engine_warnings(["Gemma2ForCausalLM"], "eagle3")
-    assert lines[0].startswith("SGLang is not known to serve") and lines[1].startswith("vLLM does not serve")
+    assert lines[0].startswith("SGLang does not serve") and lines[1].startswith("vLLM does not serve")
+    sglang, _ = engine_warnings(["Gemma3ForCausalLM"], "eagle3")
+    assert sglang.startswith("SGLang serves EAGLE-3 drafts for Gemma-3")
+    assert "before the residual is added" in sglang  # it captures other features than the draft learned from
 
 
 def test_unknown_targets_other_heads_and_unrecorded_architectures():
