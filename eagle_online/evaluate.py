@@ -124,9 +124,14 @@ class _CachedTarget:
         # over): the attention applies the window.
         self.cache = DynamicCache()
 
-    def forward(self, tokens: list[int], start: int):
+    def forward(self, tokens: list[int], start: int, last_logits_only: bool = False):
         ids = torch.tensor(tokens, device=self.device)
-        return self.target.decode(ids, torch.arange(start, start + len(tokens), device=self.device), self.cache)
+        return self.target.decode(ids, torch.arange(start, start + len(tokens), device=self.device), self.cache,
+                                  last_logits_only=last_logits_only)
+
+    def prefill(self, prompt_ids: list[int]):
+        """The prompt's forward: every token's features, the last token's logits."""
+        return self.forward(prompt_ids, 0, last_logits_only=True)
 
     def keep(self, length: int) -> None:
         """Drop cached positions from `length` on."""
@@ -205,7 +210,7 @@ def _decode(target: FrozenTarget, drafter: Drafter, prompt_ids: list[int], play_
     cached = _CachedTarget(target)
     drafter.reset()
     n = len(prompt_ids)
-    step = cached.forward(prompt_ids, 0)
+    step = cached.prefill(prompt_ids)
     out = [_sample(step.logits[-1], temperature, gen)]
     device = cached.device
     proposal = drafter.extend(_feature(step, drafter), torch.tensor(prompt_ids[1:] + out, device=device),
@@ -386,7 +391,7 @@ def speculative_generate_tree(target: FrozenTarget, drafter: Drafter, prompt_ids
 def greedy_generate(target: FrozenTarget, prompt_ids: list[int], max_new_tokens: int, eos_ids=()) -> list[int]:
     """Plain greedy decoding, one target forward per token (the reference speculative greedy must equal)."""
     cached = _CachedTarget(target)
-    step = cached.forward(prompt_ids, 0)
+    step = cached.prefill(prompt_ids)
     out = [int(step.logits[-1].argmax())]
     while len(out) < max_new_tokens and out[-1] not in set(eos_ids):
         step = cached.forward(out[-1:], len(prompt_ids) + len(out) - 1)

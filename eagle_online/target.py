@@ -204,11 +204,13 @@ class FrozenTarget(nn.Module):
 
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache,
-               attention_mask: torch.Tensor | None = None) -> TargetStep:
+               attention_mask: torch.Tensor | None = None, last_logits_only: bool = False) -> TargetStep:
         """Extend one sequence by new tokens ([m] each) through a transformers KV cache (a DynamicCache
         holding the tokens before them): their aux features, final hidden states and full logits.
         `attention_mask` [1, 1, m, cached + m], additive (0 or the dtype's minimum), replaces the causal
-        mask (a draft tree's verification)."""
+        mask (a draft tree's verification). `last_logits_only`: logits of the last token alone, [1, vocab]
+        (a prompt's forward: [m × vocab] fp32 logits are 1 GB for 2k tokens of a 128k vocabulary, and
+        most of a small model's prefill time)."""
         self._captured.clear()
         base = self.model.get_decoder()
         extra = {} if attention_mask is None else {"attention_mask": attention_mask}
@@ -217,7 +219,7 @@ class FrozenTarget(nn.Module):
         last = out.last_hidden_state[0]
         aux = torch.cat([self._captured.pop(i)[0] for i in self.aux_layer_ids], dim=-1)
         with full_params(self.lm_head_weight):  # gathered under ZeRO-3 (every rank decodes the same prompts)
-            logits = self._softcap((last @ self.lm_head_weight.T).float())
+            logits = self._softcap(((last[-1:] if last_logits_only else last) @ self.lm_head_weight.T).float())
         return TargetStep(aux_hidden=aux, last_hidden=last, logits=logits)
 
     def _argmax_in_draft(self, last: torch.Tensor, chunk: int) -> torch.Tensor:
