@@ -36,7 +36,7 @@ def test_smollm2_learning_curves(tmp_path):
     pytest.importorskip("gguf")  # the built-in SmolLM2 target is read from a GGUF file (the test extra has it)
     parser = argparse.ArgumentParser()
     quality.add_arguments(parser)
-    args = parser.parse_args(["--target", "smollm2", "--heads", "eagle3", "eagle1", "--tokens", "1500",
+    args = parser.parse_args(["--target", "smollm2", "--heads", "eagle3", "eagle1", "--tokens", "1000",
                               "--tokens-per-batch", "512", "--curve-every", "512", "--rows", "40",
                               "--draft-vocab-size", "1024", "--ttt-length", "2", "--prompts", "2",
                               "--prompt-skip", "100", "--max-new-tokens", "8", "--log-every", "1",
@@ -45,7 +45,7 @@ def test_smollm2_learning_curves(tmp_path):
     assert quality.main(args) == 0
     report = json.loads((tmp_path / "q.json").read_text())
     s = report["settings"]
-    assert (s["target"], s["steps"], s["tokens"], s["num_draft_tokens"]) == ("smollm2", 3, 1536, 5)
+    assert (s["target"], s["steps"], s["tokens"], s["num_draft_tokens"]) == ("smollm2", 2, 1024, 5)
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     sha = head.stdout.strip()
     assert report["commit"] in ((sha, sha + "+dirty") if head.returncode == 0 else (None,))  # what ran
@@ -53,8 +53,8 @@ def test_smollm2_learning_curves(tmp_path):
     assert report["bigram"]["0.0"]["tau"] >= 1.0 and len(report["bigram"]["1.0"]["acceptance"]) == 5
     for name, curve in report["curves"].items():
         head = report["heads"][name]
-        assert [p["step"] for p in curve] == [0, 1, 2, 3]
-        assert [p["tokens"] for p in curve] == [0, 512, 1024, 1536]
+        assert [p["step"] for p in curve] == [0, 1, 2]
+        assert [p["tokens"] for p in curve] == [0, 512, 1024]
         seen = [p["tokens_seen"] for p in curve]  # rows packed short of 512, but each step holds some
         assert seen[0] == 0 and all(0 < b - a <= 512 for a, b in zip(seen, seen[1:])), seen
         assert all(len(p["accept"]) == 5 and p["tau_T0"] >= 1.0 for p in curve)

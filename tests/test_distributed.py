@@ -130,7 +130,7 @@ def runs(tmp_path_factory):
     out = SimpleNamespace(root=root, zero3=root / "zero3", single=root / "single", resumed=root / "resumed")
     _run(_accelerate(2) + _train_args(out.zero3, "target.sharding=zero3"))
     _run([sys.executable] + _train_args(out.single, "training.gradient_accumulation_steps=2",
-                                        "training.export_at_end=false"))
+                                        "training.export_at_end=false", "eval.every=null"))  # weights compared
 
     sharded = ["target.sharding=zero3", "training.optimizer_sharding=zero1"]
     killed = subprocess.Popen(_torchrun(2) + _train_args(out.resumed, *sharded, "training.export_at_end=false"),
@@ -343,7 +343,8 @@ def test_slurm_script_launches_torchrun_on_each_node(tmp_path):
                SLURM_JOB_ID="test", GPUS_PER_NODE="2", MASTER_PORT=str(_port()))
     out = tmp_path / "run"
     proc = subprocess.run(["bash", str(ROOT / "launch" / "slurm_train.sh"), "tiny_eagle3", f"run.output_dir={out}",
-                           *RUN, "training.max_steps=2", "training.export_at_end=false", "target.sharding=zero3"],
+                           *RUN, "training.max_steps=2", "training.export_at_end=false", "target.sharding=zero3",
+                           "eval.every=null"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
