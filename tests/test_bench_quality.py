@@ -38,7 +38,7 @@ def test_smollm2_learning_curves(tmp_path):
     quality.add_arguments(parser)
     args = parser.parse_args(["--target", "smollm2", "--heads", "eagle3", "eagle1", "--tokens", "1000",
                               "--tokens-per-batch", "512", "--curve-every", "512", "--rows", "40",
-                              "--draft-vocab-size", "1024", "--ttt-length", "2", "--prompts", "2",
+                              "--draft-vocab-size", "1024", "--ttt-length", "2", "--prompts", "1",
                               "--prompt-skip", "100", "--max-new-tokens", "8", "--log-every", "1",
                               "--work-dir", str(tmp_path / "runs"),
                               "--out", str(tmp_path / "q.json"), "--plot", str(tmp_path / "q.png")])

@@ -116,6 +116,12 @@ def test_unservable_imports_are_refused(tmp_path):
     head = _head()
     with pytest.raises(ExportError, match="norm_before_residual"):
         load_draft(_speculators(tmp_path, head, norm_before_residual=True), embed_weight=head.embed_tokens.weight)
+    for flag in ("fc_norm", "norm_output", "norm_before_residual"):  # EAGLE 3.1's norms: the layer computes otherwise
+        (tmp_path / flag).mkdir()
+        with pytest.raises(ExportError, match=rf"config.json: {flag} is True"):
+            load_draft(_official(tmp_path / flag, head, {flag: True}), embed_weight=head.embed_tokens.weight)
+    (tmp_path / "off").mkdir()
+    assert load_draft(_official(tmp_path / "off", head, {"fc_norm": False}), embed_weight=head.embed_tokens.weight)
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))

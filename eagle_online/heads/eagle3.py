@@ -356,6 +356,7 @@ class Eagle3Head(DraftHead):
         SpecForge/SGLang (model.safetensors with embed_tokens) or vLLM speculators
         (`speculators_model_type: eagle3`, `layers.0.*`). embed_tokens comes from `embed_weight` (the
         target's) when the checkpoint has none."""
+        _refuse_layer_variants(raw_config, where)
         if raw_config.get("speculators_model_type") is not None:
             if raw_config["speculators_model_type"] != "eagle3":
                 raise ExportError(f"{where}: speculators_model_type {raw_config['speculators_model_type']!r}, "
@@ -497,15 +498,30 @@ def _served_fields(config, dtype: torch.dtype) -> dict:
     return cfg
 
 
+# Config flags of EAGLE-3 variants that change what the layer computes (docs/serving.md, "EAGLE 3.1's
+# norms"): a draft trained with one is refused, not read as the original layer.
+_VARIANT_FLAGS = {
+    "norm_before_residual": "the residual taken after hidden_norm",
+    "fc_norm": "EAGLE 3.1's RMSNorm on each aux input before fc",
+    "norm_before_fc": "an RMSNorm before fc",
+    "norm_output": "EAGLE 3.1's normed state fed back between chain steps",
+}
+
+
+def _refuse_layer_variants(raw: dict, where: Path) -> None:
+    for key, what in _VARIANT_FLAGS.items():
+        for section, fields in (("", raw), ("transformer_layer_config.", raw.get("transformer_layer_config"))):
+            if isinstance(fields, dict) and fields.get(key):
+                raise ExportError(f"{where}: {section}{key} is {fields[key]!r} ({what}); this head implements the "
+                                  "original EAGLE-3 layer only, which SGLang's llama_eagle3 serves")
+
+
 def _speculators_eagle3_config(raw: dict, where: Path) -> LlamaConfig:
     """The LlamaConfig of a vLLM speculators EAGLE-3 config.json (`speculators_model_type: eagle3`, the
     layer's fields nested under `transformer_layer_config`; speculators/models/eagle3 config.py)."""
     layer = raw.get("transformer_layer_config")
     if not isinstance(layer, dict):
         raise ExportError(f"{where}: a speculators config needs a `transformer_layer_config` mapping")
-    if raw.get("norm_before_residual", False):
-        raise ExportError(f"{where}: norm_before_residual is true; this head implements the original EAGLE-3 "
-                          "layer (hidden_norm after the residual is taken) only")
     fields = {k: v for k, v in layer.items() if k not in ("architectures", "model_type", "transformers_version")}
     config = LlamaConfig(**fields)
     config.architectures = [ARCHITECTURE]
