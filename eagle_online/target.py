@@ -209,8 +209,8 @@ class FrozenTarget(nn.Module):
         holding the tokens before them): their aux features, final hidden states and full logits.
         `attention_mask` [1, 1, m, cached + m], additive (0 or the dtype's minimum), replaces the causal
         mask (a draft tree's verification). `last_logits_only`: logits of the last token alone, [1, vocab]
-        (a prompt's forward: [m × vocab] fp32 logits are 1 GB for 2k tokens of a 128k vocabulary, and
-        most of a small model's prefill time)."""
+        (a prompt's forward: [m × vocab] fp32 logits are 1 GB for 2k tokens of a 128k vocabulary, and were
+        a fifth of SmolLM2's evaluation time on CPU)."""
         self._captured.clear()
         base = self.model.get_decoder()
         extra = {} if attention_mask is None else {"attention_mask": attention_mask}

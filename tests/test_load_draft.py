@@ -120,6 +120,13 @@ def test_unservable_imports_are_refused(tmp_path):
         (tmp_path / flag).mkdir()
         with pytest.raises(ExportError, match=rf"config.json: {flag} is True"):
             load_draft(_official(tmp_path / flag, head, {flag: True}), embed_weight=head.embed_tokens.weight)
+    (tmp_path / "nested").mkdir()
+    nested = _speculators(tmp_path / "nested", head)
+    cfg = json.loads((nested / "config.json").read_text())
+    cfg["transformer_layer_config"]["fc_norm"] = True
+    (nested / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match=r"transformer_layer_config.fc_norm is True"):
+        load_draft(nested, embed_weight=head.embed_tokens.weight)
     (tmp_path / "off").mkdir()
     assert load_draft(_official(tmp_path / "off", head, {"fc_norm": False}), embed_weight=head.embed_tokens.weight)
     other = tmp_path / "other"
