@@ -35,7 +35,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=f"bench.py {name}", description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
-    return module.main(parser.parse_args(rest))
+    args = parser.parse_args(rest)
+    from eagle_online.errors import UserError
+    try:
+        return module.main(args)
+    except UserError as e:  # a bad recipe override, model or path: the message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ def test_trained_tiny_head_beats_untrained(tmp_path):
     quality.add_arguments(parser)
     args = parser.parse_args(["--heads", "eagle3", "--steps", "30", "--rows", "300", "--tokens-per-batch", "2048",
                               "--ttt-length", "1", "--prompts", "6", "--max-new-tokens", "32",
+                              "--set", "training.warmup_ratio=0.1",
                               "--work-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "q.json")])
     assert quality.main(args) == 0
     report = json.loads((tmp_path / "q.json").read_text())
@@ -28,6 +29,21 @@ def test_trained_tiny_head_beats_untrained(tmp_path):
     assert head["trained"]["0.0"]["tau"] >= 1.0 and "bigram" in report
     # EAGLE-3 read the bench's feature layers, not the recipe's engine defaults [2, 4, 5].
     assert json.loads((tmp_path / "runs" / "eagle3" / "run_info.json").read_text())["aux_layer_ids"] == [2, 4, 7]
+    # --set reached the recipe the head trained with (tiny_eagle3's own is 0.05).
+    assert "warmup_ratio: 0.1\n" in (tmp_path / "runs" / "eagle3" / "recipe.yaml").read_text()
+    assert report["settings"]["set"] == ["training.warmup_ratio=0.1"]
+
+
+def test_a_bad_override_fails_before_any_training(tmp_path, capsys):
+    """--set is checked against every head's recipe up front: a key only EAGLE-3 has fails for EAGLE-1
+    before EAGLE-3 trains (hours, on SmolLM2), as `error: ...` naming the recipe and the key."""
+    from launch import bench
+
+    rc = bench.main(["quality", "--heads", "eagle3", "eagle1", "--steps", "1", "--set",
+                     "draft.feature_scale=per_layer", "--work-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: invalid recipe") and "tiny_eagle1.yaml" in err, err
+    assert "feature_scale" in err and not (tmp_path / "runs").exists()
 
 
 def test_smollm2_learning_curves(tmp_path, first_use):

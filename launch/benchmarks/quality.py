@@ -157,7 +157,7 @@ def run_quality(args, log=print, save=None) -> dict:
                 overrides.append(f"draft.ttt_length={args.ttt_length}")
                 if args.eagle3_aux_layer_ids:
                     overrides.append(f"target.aux_layer_ids=[{','.join(map(str, args.eagle3_aux_layer_ids))}]")
-            trainer = Trainer(load_recipe(recipe_name, overrides))
+            trainer = Trainer(load_recipe(recipe_name, overrides + args.set))  # --set last: it wins
             trainer.setup()
             if not bigram_done:
                 vocab = trainer.target.lm_head_weight.shape[0]
@@ -288,6 +288,10 @@ def add_arguments(parser) -> None:
                         "tiny 4, smollm2 5)")
     parser.add_argument("--loss", choices=LOSSES, default="kl", help="draft.loss of every head trained (default kl; "
                         "lk_lambda with the recipe's s and d)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for every head trained, applied after the bench's own, as on "
+                        "train.py's command line (e.g. --set training.lr=1e-3 --set draft.feature_scale=per_layer); "
+                        "repeatable, kept in the report's settings")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=25,
                         help="steps between metrics.jsonl rows (default 25; every step with --curve-every)")
@@ -303,6 +307,10 @@ def main(args) -> int:
         raise SystemExit("error: --plot draws the learning curves: add --curve-every N")
     if args.plot:
         _pyplot()  # fail before hours of training, not after
+    if args.set:  # a key some head's recipe refuses fails now, not after the heads before it have trained
+        from eagle_online.recipe import load_recipe
+        for name in args.heads:
+            load_recipe(TARGETS[args.target]["recipes"][name], args.set)
     def save(report: dict) -> None:  # after every head: a run stopped later keeps what it measured
         if args.out:
             tmp = args.out.with_name(args.out.name + ".tmp")
