@@ -19,6 +19,9 @@ from eagle_online.metrics import read_metrics
 # (a launcher config that asked for a GPU on a machine without CUDA trains on the CPU without a word).
 # The shipped tiny target has 2.7M; the smallest real chat models (SmolLM2-135M) are above it.
 CPU_WARNING_PARAMS = 50_000_000
+# SmolLM2-135M-Instruct's training rate on 2 CPU cores (target forward and an EAGLE-1/2 head, fp32; ~130 with
+# EAGLE-3's 7 TTT steps): launch/QUALITY.md. The CPU warning scales it by parameters for its estimate.
+CPU_TOKENS_PER_S_135M = 180
 CURVES_NAME = "curves.svg"
 
 
@@ -83,15 +86,22 @@ class Setup:
 
 
 def cpu_warning(setup: Setup) -> str | None:
-    """The loud warning for a target that is not tiny about to train on a CPU, or None."""
+    """The loud warning for a target that is not tiny about to train on a CPU, or None. It estimates the
+    run's time from SmolLM2-135M's measured rate (CPU_TOKENS_PER_S_135M), scaled by parameters: a guess
+    that says whether the run is minutes or weeks, not a measurement of this machine."""
     if setup.cuda or setup.target_params <= CPU_WARNING_PARAMS:
         return None
+    rate = CPU_TOKENS_PER_S_135M * 135e6 / setup.target_params
+    step = setup.tokens_per_step_mean / rate
+    remaining = max(setup.total_steps - setup.start_step, 0) * step
     bar = "!" * 100
     return (f"{bar}\nWARNING: training a {human_count(setup.target_params)}-parameter target on the CPU: torch sees no "
-            f"CUDA device here.\nA target above {human_count(CPU_WARNING_PARAMS)} parameters on a CPU takes hours to "
-            "days per step of a real recipe. If a GPU was meant\n(e.g. --config_file launch/accelerate/1gpu.yaml), "
-            "check `nvidia-smi` and `python -c 'import torch; print(torch.cuda.is_available())'`\n"
-            f"(a CPU-only torch wheel?). Stop with Ctrl-C now; nothing is lost.\n{bar}")
+            f"CUDA device here.\nSmolLM2-135M trains at ~{CPU_TOKENS_PER_S_135M} tokens/s on 2 CPU cores; scaled to "
+            f"this target, a step of ~{setup.tokens_per_step_mean:,.0f} tokens takes ~{human_time(step)} and the "
+            f"{max(setup.total_steps - setup.start_step, 0):,} steps ~{human_time(remaining)}.\nIf a GPU was meant "
+            "(e.g. --config_file launch/accelerate/1gpu.yaml), check `nvidia-smi` and\n"
+            "`python -c 'import torch; print(torch.cuda.is_available())'` (a CPU-only torch wheel?). "
+            f"Stop with Ctrl-C now; nothing is lost.\n{bar}")
 
 
 def world_note(setup: Setup) -> str | None:

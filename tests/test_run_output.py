@@ -192,6 +192,8 @@ def _setup(**changes) -> Setup:
 def test_a_large_target_on_a_cpu_is_warned_loudly():
     warning = cpu_warning(_setup())
     assert warning and "WARNING: training a 8.0B-parameter target on the CPU" in warning
+    # The estimate scales SmolLM2-135M's CPU rate: 8000 tokens at 180 × 135/8030 tokens/s ≈ 2644 s a step.
+    assert "a step of ~8,000 tokens takes ~44m03s and the 10 steps ~7h20m" in warning, warning
     assert "launch/accelerate/1gpu.yaml" in warning
     assert cpu_warning(_setup(cuda=True, device="cuda:0")) is None
     assert cpu_warning(_setup(target_params=CPU_WARNING_PARAMS)) is None  # at the threshold: tiny enough
