@@ -1,6 +1,8 @@
 """The frozen target (eagle_online.target): what it captures for the head (aux features, last hidden
 state, the teacher over the draft vocabulary) equals the plain HF forward, packed rows stay apart, and
 bad layer ids are refused."""
+import os
+
 import pytest
 import torch
 
@@ -46,3 +48,22 @@ def test_target_rejects_repeating_default_ids():
     model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=6))
     with pytest.raises(ValueError, match="fewer than 7 layers"):
         FrozenTarget(model, None, torch.arange(4))
+
+
+def test_loading_a_target_on_the_cpu_flushes_denormals():
+    """Denormal floats halve a trained model's CPU speed, so every CPU run (train, eval, regenerate, the
+    benches) flushes them from the moment its target loads. In a fresh process: this one's conftest
+    already flushes."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from eagle_online.recipe import load_recipe\n"
+            "from eagle_online.target import load_target_model\n"
+            "tiny = torch.tensor([1e-39])\n"
+            "print((tiny * 1.0).item() != 0)\n"
+            "load_target_model(load_recipe('tiny_eagle1').target, torch.device('cpu'))\n"
+            "print((tiny * 1.0).item() != 0)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.stdout.split() == ["True", "False"], out.stdout + out.stderr

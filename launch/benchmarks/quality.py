@@ -117,14 +117,12 @@ def run_quality(args, log=print, save=None) -> dict:
     """Train and measure every head (see the module docstring); returns the report. `save(report)` is
     called after each head with the report so far, so a run stopped during a later head keeps the
     earlier ones."""
-    import torch
 
     from eagle_online.evaluate import BigramDrafter, load_prompts
     from eagle_online.heads import drafter_for
     from eagle_online.recipe import load_recipe
     from eagle_online.trainer import Trainer
 
-    torch.set_flush_denormal(True)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="quality-"))
     prompts = load_prompts("builtin:sharegpt", limit=args.prompts, skip=args.prompt_skip)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "plot")}
